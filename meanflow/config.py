@@ -1,0 +1,282 @@
+"""Typed configuration: YAML files loaded onto dataclasses, with dotted command-line overrides.
+
+    cfg = load_config("configs/fashion_demo.yaml", ["meanflow.cfg_omega=2.0", "train.lr=3e-4"])
+
+Every leaf is type-checked against its annotation; an unknown key, a wrong type or a value
+outside its declared range raises :class:`ConfigError` naming the dotted key. Ranges and
+choices are declared next to the field (``field(metadata=...)``) so that the check and the
+documentation live in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+       hi_open: bool = False, choices: tuple | None = None, doc: str = "") -> Any:
+    """A dataclass field with a declared valid range or set of choices."""
+    meta = dict(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, choices=choices, doc=doc)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration tree
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MeanFlowConfig:
+    """The MeanFlow objective (Geng et al. 2025). Names follow the paper's notation."""
+
+    time_dist: str = _f("logit_normal", choices=("logit_normal", "uniform"),
+                        doc="distribution of the two time draws before sorting")
+    time_mu: float = _f(-0.4, doc="logit-normal mean")
+    time_sigma: float = _f(1.0, lo=0.0, lo_open=True, doc="logit-normal std")
+    ratio_r_neq_t: float = _f(0.25, lo=0.0, hi=1.0,
+                              doc="fraction of samples with r != t (0 = plain flow matching)")
+    adaptive_p: float = _f(1.0, lo=0.0, doc="adaptive loss weight power p (0 = plain L2)")
+    adaptive_c: float = _f(1e-3, lo=0.0, lo_open=True, doc="adaptive loss weight constant c")
+    cfg_omega: float = _f(1.0, lo=0.0, doc="CFG-in-training scale omega (1 = no guidance)")
+    cfg_kappa: float = _f(0.0, lo=0.0, hi=1.0, doc="CFG-in-training mixing kappa")
+    cfg_t_min: float = _f(0.0, lo=0.0, hi=1.0, doc="guidance only for t >= cfg_t_min")
+    cfg_t_max: float = _f(1.0, lo=0.0, hi=1.0, doc="guidance only for t <= cfg_t_max")
+    cond_drop_prob: float = _f(0.1, lo=0.0, hi=1.0, doc="condition dropout probability")
+
+    def validate(self) -> None:
+        if self.cfg_t_min > self.cfg_t_max:
+            raise ConfigError(f"meanflow.cfg_t_min ({self.cfg_t_min}) > meanflow.cfg_t_max "
+                              f"({self.cfg_t_max})")
+
+
+@dataclass
+class ModelConfig:
+    """Backbone choice and shape. Fields not used by a backbone are ignored by it."""
+
+    name: str = _f("unet", doc="'unet' or a SiT size such as 'SiT-B/2'")
+    input_size: int = _f(32, lo=1, doc="spatial size of the model input (latent or pixels)")
+    in_channels: int = _f(4, lo=1, doc="channels of the model input")
+    edge_channels: int = _f(1, lo=0, doc="channels of the edge map (0 = no edge input)")
+    edge_size: int = _f(256, lo=0, doc="spatial size of the edge map")
+    num_classes: int = _f(0, lo=0, doc="number of class labels (0 = no class input)")
+    # U-Net
+    base_channels: int = _f(128, lo=1)
+    channel_mults: list = _f([1, 2, 4])
+    num_res_blocks: int = _f(2, lo=1)
+    attn_resolutions: list = _f([8])
+    dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
+    time_embed: str = _f("sum", choices=("sum", "concat"),
+                         doc="how the t and t-r embeddings combine")
+    time_scale: float = _f(1.0, lo=0.0, lo_open=True,
+                           doc="t is multiplied by this before the sinusoidal embedding; "
+                               "large values (1000) make the JVP target explode")
+    # SiT
+    edge_mode: str = _f("add", choices=("add", "tokens"),
+                        doc="SiT: add edge patches to the latent tokens or append them")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", doc="LMDB folder written by preprocess/cache.py (one split)")
+    val_path: str = _f("", doc="LMDB folder for the fixed validation batch ('' = path)")
+    image_size: int = _f(256, lo=1, doc="image size the cache was written at")
+    codec: str = _f("sd-vae", choices=("pixel", "sd-vae"))
+    channels: int = _f(4, lo=1, doc="channels of the cached image or latent")
+    flip: bool = _f(True, doc="horizontal flip augmentation")
+    use_edges: bool = _f(True, doc="condition on the edge map")
+    use_labels: bool = _f(False, doc="condition on the class label")
+    num_workers: int = _f(2, lo=0)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(64, lo=1, doc="global batch per optimizer step (before accumulation)")
+    grad_accum: int = _f(1, lo=1)
+    max_steps: int = _f(100_000, lo=1, doc="optimizer steps")
+    max_minutes: float = _f(0.0, lo=0.0, doc="stop after this wall time (0 = no limit)")
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    betas: list = _f([0.9, 0.95])
+    weight_decay: float = _f(0.0, lo=0.0)
+    warmup_steps: int = _f(0, lo=0)
+    schedule: str = _f("constant", choices=("constant", "cosine"))
+    grad_clip: float = _f(1.0, lo=0.0, doc="max grad norm (0 = off)")
+    mixed_precision: str = _f("no", choices=("no", "bf16", "fp16"))
+    ema_decays: list = _f([0.999])
+    seed: int = _f(0, lo=0)
+    log_every: int = _f(50, lo=1)
+    image_every: int = _f(1000, lo=1)
+    ckpt_every: int = _f(1000, lo=1)
+    keep_checkpoints: int = _f(3, lo=1)
+    max_nonfinite: int = _f(20, lo=1, doc="consecutive non-finite losses before the run stops")
+    num_val: int = _f(8, lo=1, doc="size of the fixed validation batch for image grids")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        b = self.train.betas
+        if len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {b}")
+        if not self.train.ema_decays or not all(0.0 < d < 1.0 for d in self.train.ema_decays):
+            raise ConfigError(f"train.ema_decays must be numbers in (0, 1), got "
+                              f"{self.train.ema_decays}")
+        if any(int(m) < 1 for m in self.model.channel_mults):
+            raise ConfigError(f"model.channel_mults must be positive, got "
+                              f"{self.model.channel_mults}")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic machinery
+# --------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (bool, int, float, str, list, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:  # pragma: no cover - only the types above are used in the tree
+        raise ConfigError(f"{key}: unsupported annotation {tp}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(meta['choices'])}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value}")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+            op = ">" if meta.get("lo_open") else ">="
+            raise ConfigError(f"{key}: must be {op} {lo}, got {value}")
+        if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+            op = "<" if meta.get("hi_open") else "<="
+            raise ConfigError(f"{key}: must be {op} {hi}, got {value}")
+
+
+def _apply(obj: Any, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(fields))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
+            _apply(cur, v, key + ".")
+            continue
+        val = _coerce(v, hints[k], key)
+        _check_range(val, fields[k].metadata, key)
+        setattr(obj, k, val)
+
+
+def _validate(obj: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _validate(v, key + ".")
+        else:
+            _check_range(_coerce(v, hints[f.name], key), f.metadata, key)
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b=1e-4'`` -> (['a', 'b'], 1e-4); the value is parsed as YAML (so 'true', '[1,2]')."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def from_dict(data: dict | None, overrides: list[str] | tuple = (), cls: type = Config) -> Any:
+    """Build a validated config from a nested dict plus dotted overrides."""
+    cfg = cls()
+    _apply(cfg, data or {}, "")
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: dict = value
+        for p in reversed(path):
+            nested = {p: nested}
+        _apply(cfg, nested, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML file (or nothing: defaults) and apply ``key.sub=value`` overrides."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (YAML, readable and reloadable with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def model_config_from_json(text: str) -> ModelConfig:
+    """Rebuild a :class:`ModelConfig` from the JSON written next to exported weights."""
+    return from_dict(json.loads(text), cls=ModelConfig)

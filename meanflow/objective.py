@@ -1,0 +1,233 @@
+"""The MeanFlow objective (Geng et al. 2025, "Mean Flows for One-step Generative Modeling").
+
+Notation (paper, Sec. 3):
+    z_t = (1 - t) x + t e,   e ~ N(0, I),   v = dz_t/dt = e - x                       (Eq. 1-2)
+    u(z_t, r, t) = 1/(t - r) * int_r^t v(z_s, s) ds        (average velocity)       (Eq. 3)
+    u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t)   (the MeanFlow identity)  (Eq. 6)
+    d/dt u = v . du/dz + du/dt                           (total derivative, a JVP)  (Eq. 8)
+    L = || u_theta(z_t, r, t) - sg(u_tgt) ||^2,  u_tgt = v - (t - r) (v . d_z u + d_t u) (Eq. 9-10)
+
+The network is any callable ``model(z, r, t, edge=None, label=None, keep=None)``; it is
+conditioned on (t, t - r). The JVP uses ``torch.autograd.forward_ad`` so that it runs through a
+DistributedDataParallel wrapper with gradients synchronised (``torch.func.jvp`` fails there on
+the second step, and on ``ddp.module`` it silently skips the gradient all-reduce).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from .config import MeanFlowConfig
+
+Model = Callable[..., Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+def _bcast(s: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, ...] to broadcast against ``like``."""
+    return s.reshape(s.shape[0], *([1] * (like.dim() - 1)))
+
+
+def check_times(r: Tensor, t: Tensor, batch: int | None = None) -> None:
+    """Raise a ValueError naming the argument if r or t is out of [0, 1], r > t, or mis-shaped."""
+    for name, s in (("r", r), ("t", t)):
+        if s.dim() != 1:
+            raise ValueError(f"{name} must have shape [B], got {tuple(s.shape)}")
+        if batch is not None and s.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {s.shape[0]}, x has {batch}")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        if (s < 0).any() or (s > 1).any():
+            raise ValueError(f"{name} must lie in [0, 1], got min {s.min().item():.4g} "
+                             f"max {s.max().item():.4g}")
+    if (r > t).any():
+        i = int(torch.nonzero(r > t)[0])
+        raise ValueError(f"r must be <= t, got r={r[i].item():.4g} > t={t[i].item():.4g} "
+                         f"at index {i}")
+
+
+def _check_inputs(x: Tensor, edge: Optional[Tensor], label: Optional[Tensor]) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched [B, ...], got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or Inf")
+    b = x.shape[0]
+    if edge is not None and edge.shape[0] != b:
+        raise ValueError(f"edge has batch size {edge.shape[0]}, x has {b}")
+    if label is not None and (label.dim() != 1 or label.shape[0] != b):
+        raise ValueError(f"label must have shape [{b}], got {tuple(label.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Time sampling
+# --------------------------------------------------------------------------------------------
+def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw (r, t), each [B] in [0, 1] with r <= t (paper Sec. 4.3, Tab. 1c-d).
+
+    Two times are drawn from the configured distribution and sorted; then a fraction
+    ``1 - ratio_r_neq_t`` of the batch is set to r = t (the flow-matching boundary case).
+    """
+    shape = (2, batch)
+    if cfg.time_dist == "logit_normal":
+        n = torch.randn(shape, device=device, generator=generator)
+        s = torch.sigmoid(n * cfg.time_sigma + cfg.time_mu)
+    else:
+        s = torch.rand(shape, device=device, generator=generator)
+    t = torch.maximum(s[0], s[1])
+    r = torch.minimum(s[0], s[1])
+    n_neq = int(round(cfg.ratio_r_neq_t * batch))
+    # A fixed count rather than a coin per sample: the ratio holds for every batch, and the
+    # position of the r != t samples is random by permutation.
+    equal = torch.ones(batch, dtype=torch.bool, device=device)
+    idx = torch.randperm(batch, device=device, generator=generator)[:n_neq]
+    equal[idx] = False
+    r = torch.where(equal, t, r)
+    return r, t
+
+
+# --------------------------------------------------------------------------------------------
+# The target
+# --------------------------------------------------------------------------------------------
+def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                    **cond) -> tuple[Tensor, Tensor]:
+    """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
+
+    du/dt is the JVP of ``model`` along the tangent (v, 0, 1) of (z, r, t), computed in the
+    same forward pass with forward-mode AD. ``v`` is the velocity the target is built from
+    (the instantaneous velocity e - x, or its guided version); the same ``v`` is the tangent.
+    Returns (u, u_tgt), both in float32 (or float64 if the inputs are).
+    """
+    with fwAD.dual_level():
+        # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed.
+        z_d = fwAD.make_dual(z.contiguous(), v.contiguous())
+        t_d = fwAD.make_dual(t, torch.ones_like(t))
+        out = model(z_d, r, t_d, **cond)
+        u, dudt = fwAD.unpack_dual(out)
+    if dudt is None:  # the model ignores z and t entirely
+        dudt = torch.zeros_like(u)
+    out_dtype = torch.promote_types(u.dtype, torch.float32)
+    u = u.to(out_dtype)
+    h = _bcast(t - r, u).to(out_dtype)
+    u_tgt = (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
+    return u, u_tgt
+
+
+def guided_velocity(model: Model, z: Tensor, t: Tensor, v: Tensor, cfg: MeanFlowConfig,
+                    keep: Optional[Tensor], **cond) -> Tensor:
+    """Classifier-free guidance folded into the target (paper Eq. 13, 19 of Appendix B.1).
+
+        v_g = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null)
+
+    applied only to samples whose condition was kept and whose t lies in [t_min, t_max];
+    v_g = v elsewhere. The model evaluations are stop-gradient.
+    """
+    omega, kappa = cfg.cfg_omega, cfg.cfg_kappa
+    if omega == 1.0 and kappa == 0.0:
+        return v
+    b = z.shape[0]
+    kept = torch.ones(b, dtype=torch.bool, device=z.device) if keep is None else keep
+    active = kept & (t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)
+    # No early exit when no sample is active: under DDP every rank must run the same
+    # forwards (a forward may broadcast buffers), whatever its own batch holds.
+    with torch.no_grad():
+        null = torch.zeros(b, dtype=torch.bool, device=z.device)
+        u_null = model(z, t, t, keep=null, **cond).to(v.dtype)
+        v_g = omega * v + (1.0 - omega - kappa) * u_null
+        if kappa != 0.0:
+            u_cond = model(z, t, t, keep=kept, **cond).to(v.dtype)
+            v_g = v_g + kappa * u_cond
+    return torch.where(_bcast(active, v), v_g, v)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LossOutput:
+    loss: Tensor          # scalar, differentiable: mean over the batch of w * ||u - u_tgt||^2
+    stats: dict           # detached scalars for logging (see MeanFlowLoss.__call__)
+
+
+class MeanFlowLoss:
+    """The MeanFlow training objective, independent of the backbone.
+
+    >>> loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=0.25, cfg_omega=2.0))
+    >>> out = loss_fn(model, x, edge=edge, label=label)
+    >>> out.loss.backward(); print(out.stats["mse"])
+
+    With ``ratio_r_neq_t = 0`` every sample has r = t, the JVP term vanishes and this is plain
+    flow matching with the same network, weighting and guidance (the paper's ablation).
+    """
+
+    def __init__(self, cfg: MeanFlowConfig | None = None):
+        self.cfg = cfg or MeanFlowConfig()
+
+    def drop_mask(self, batch: int, device, has_cond: bool,
+                  generator: torch.Generator | None = None) -> Optional[Tensor]:
+        """keep[i] = False for the samples whose condition is replaced by the null condition."""
+        if not has_cond or self.cfg.cond_drop_prob == 0.0:
+            return None
+        u = torch.rand(batch, device=device, generator=generator)
+        return u >= self.cfg.cond_drop_prob
+
+    def __call__(self, model: Model, x: Tensor, edge: Optional[Tensor] = None,
+                 label: Optional[Tensor] = None, *, noise: Optional[Tensor] = None,
+                 r: Optional[Tensor] = None, t: Optional[Tensor] = None,
+                 keep: Optional[Tensor] = None,
+                 generator: torch.Generator | None = None) -> LossOutput:
+        """One MeanFlow loss evaluation on a batch of clean data ``x`` [B, ...].
+
+        ``noise``, ``r``/``t`` and ``keep`` are drawn here unless given (tests and
+        reproducibility checks pass them). Stats: ``loss`` (adaptively weighted, near 1 by
+        construction), ``mse`` (unweighted per-element), ``u_rms``, ``tgt_rms``,
+        ``rms_ratio`` = u_rms / tgt_rms, ``frac_r_neq_t``.
+        """
+        cfg = self.cfg
+        _check_inputs(x, edge, label)
+        b, device = x.shape[0], x.device
+        if (r is None) != (t is None):
+            raise ValueError("pass both r and t, or neither")
+        if r is None:
+            r, t = sample_times(cfg, b, device, generator)
+        check_times(r, t, b)
+        if noise is None:
+            noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, x has {tuple(x.shape)}")
+        has_cond = edge is not None or label is not None
+        if keep is None:
+            keep = self.drop_mask(b, device, has_cond, generator)
+        elif keep.shape != (b,) or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor of shape [{b}], got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+
+        r, t = r.to(x.dtype), t.to(x.dtype)
+        tb = _bcast(t, x)
+        z = (1.0 - tb) * x + tb * noise                                    # Eq. 1
+        v = noise - x                                                      # Eq. 2
+        cond = dict(edge=edge, label=label, keep=keep)
+        v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
+        u, u_tgt = meanflow_target(model, z, r, t, v_g, **cond)            # Eq. 10
+
+        sq = (u - u_tgt) ** 2
+        d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2
+        w = 1.0 / (d.detach() + cfg.adaptive_c) ** cfg.adaptive_p          # adaptive weight
+        loss = (w * d).mean()
+        with torch.no_grad():
+            u_rms = u.detach().pow(2).mean().sqrt()
+            tgt_rms = u_tgt.pow(2).mean().sqrt()
+            stats = dict(loss=loss.detach(), mse=sq.detach().mean(), u_rms=u_rms,
+                         tgt_rms=tgt_rms, rms_ratio=u_rms / tgt_rms.clamp_min(1e-12),
+                         frac_r_neq_t=(r != t).float().mean())
+        return LossOutput(loss=loss, stats=stats)
+
+
+__all__ = ["MeanFlowLoss", "LossOutput", "sample_times", "meanflow_target", "guided_velocity",
+           "check_times"]
