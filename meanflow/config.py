@@ -53,6 +53,9 @@ class MeanFlowConfig:
     cfg_t_min: float = _f(0.0, lo=0.0, hi=1.0, doc="guidance only for t >= cfg_t_min")
     cfg_t_max: float = _f(1.0, lo=0.0, hi=1.0, doc="guidance only for t <= cfg_t_max")
     cond_drop_prob: float = _f(0.1, lo=0.0, hi=1.0, doc="condition dropout probability")
+    jvp_mode: str = _f("split", choices=("split", "joint"),
+                       doc="split: no-grad JVP on the r != t samples + one forward with graph "
+                           "(flow-matching memory); joint: one forward-mode pass with graph")
 
     def validate(self) -> None:
         if self.cfg_t_min > self.cfg_t_max:

@@ -95,28 +95,60 @@ def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "
 # --------------------------------------------------------------------------------------------
 # The target
 # --------------------------------------------------------------------------------------------
-def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
-                    **cond) -> tuple[Tensor, Tensor]:
-    """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
+def unwrap(model: Model) -> Model:
+    """The module inside a DistributedDataParallel wrapper (for no-grad passes only)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
-    du/dt is the JVP of ``model`` along the tangent (v, 0, 1) of (z, r, t), computed in the
-    same forward pass with forward-mode AD. ``v`` is the velocity the target is built from
-    (the instantaneous velocity e - x, or its guided version); the same ``v`` is the tangent.
-    Returns (u, u_tgt), both in float32 (or float64 if the inputs are).
-    """
+
+def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
+    """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD."""
     with fwAD.dual_level():
         # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed.
-        z_d = fwAD.make_dual(z.contiguous(), v.contiguous())
+        z_d = fwAD.make_dual(z.contiguous(), v.contiguous().to(z.dtype))
         t_d = fwAD.make_dual(t, torch.ones_like(t))
-        out = model(z_d, r, t_d, **cond)
-        u, dudt = fwAD.unpack_dual(out)
-    if dudt is None:  # the model ignores z and t entirely
-        dudt = torch.zeros_like(u)
-    out_dtype = torch.promote_types(u.dtype, torch.float32)
-    u = u.to(out_dtype)
-    h = _bcast(t - r, u).to(out_dtype)
-    u_tgt = (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
-    return u, u_tgt
+        u, dudt = fwAD.unpack_dual(model(z_d, r, t_d, **cond))
+    return u, (torch.zeros_like(u) if dudt is None else dudt)   # None: u ignores z and t
+
+
+def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                    jvp_mode: str = "split", **cond) -> tuple[Tensor, Tensor]:
+    """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
+
+    du/dt is the JVP of ``model`` along the tangent (v, 0, 1) of (z, r, t). ``v`` is the
+    velocity the target is built from (e - x, or its guided version); the same ``v`` is the
+    tangent. Returns (u, u_tgt) in float32 (float64 if the inputs are).
+
+    jvp_mode:
+      "split" (default): the JVP runs without a graph (``no_grad``), on the samples with
+          r != t only, then one ordinary forward with a graph gives u for the loss. The
+          tangent pass saves nothing for backward, so peak memory stays that of flow
+          matching, and its cost scales with the fraction of r != t samples. Under DDP the
+          gradient pass goes through the wrapper (gradients are synchronised); the no-grad
+          pass uses the inner module. Stochastic layers (dropout) draw separate masks for the
+          two passes.
+      "joint": one forward-mode pass gives u (with graph) and du/dt together: same dropout
+          mask for u and its derivative, but autograd also records the tangent computation,
+          which costs time and memory (about 2x the activations).
+    """
+    out_dtype = torch.promote_types(z.dtype, torch.float32)
+    h = _bcast(t - r, z).to(out_dtype)
+    neq = t != r
+    if jvp_mode == "joint" and bool(neq.any()):
+        u, dudt = _jvp(model, z, r, t, v, cond)
+        u = u.to(out_dtype)
+        return u, (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
+    if jvp_mode not in ("split", "joint"):
+        raise ValueError(f"jvp_mode must be 'split' or 'joint', got {jvp_mode!r}")
+
+    dudt = torch.zeros(z.shape, dtype=out_dtype, device=z.device)
+    if bool(neq.any()):  # on the boundary r = t the JVP term is multiplied by zero: skip it
+        idx = torch.nonzero(neq).squeeze(1)
+        sub = {k: (c[idx] if isinstance(c, Tensor) else c) for k, c in cond.items()}
+        with torch.no_grad():
+            _, d = _jvp(unwrap(model), z[idx], r[idx], t[idx], v[idx], sub)
+        dudt[idx] = d.to(out_dtype)
+    u = model(z, r, t, **cond).to(out_dtype)
+    return u, (v.to(out_dtype) - h * dudt).detach()
 
 
 def guided_velocity(model: Model, z: Tensor, t: Tensor, v: Tensor, cfg: MeanFlowConfig,
@@ -134,14 +166,13 @@ def guided_velocity(model: Model, z: Tensor, t: Tensor, v: Tensor, cfg: MeanFlow
     b = z.shape[0]
     kept = torch.ones(b, dtype=torch.bool, device=z.device) if keep is None else keep
     active = kept & (t >= cfg.cfg_t_min) & (t <= cfg.cfg_t_max)
-    # No early exit when no sample is active: under DDP every rank must run the same
-    # forwards (a forward may broadcast buffers), whatever its own batch holds.
+    inner = unwrap(model)     # no gradients flow here: no need for the DDP wrapper
     with torch.no_grad():
         null = torch.zeros(b, dtype=torch.bool, device=z.device)
-        u_null = model(z, t, t, keep=null, **cond).to(v.dtype)
+        u_null = inner(z, t, t, keep=null, **cond).to(v.dtype)
         v_g = omega * v + (1.0 - omega - kappa) * u_null
         if kappa != 0.0:
-            u_cond = model(z, t, t, keep=kept, **cond).to(v.dtype)
+            u_cond = inner(z, t, t, keep=kept, **cond).to(v.dtype)
             v_g = v_g + kappa * u_cond
     return torch.where(_bcast(active, v), v_g, v)
 
@@ -214,7 +245,7 @@ class MeanFlowLoss:
         v = noise - x                                                      # Eq. 2
         cond = dict(edge=edge, label=label, keep=keep)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
-        u, u_tgt = meanflow_target(model, z, r, t, v_g, **cond)            # Eq. 10
+        u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, **cond)  # Eq. 10
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2
@@ -229,5 +260,5 @@ class MeanFlowLoss:
         return LossOutput(loss=loss, stats=stats)
 
 
-__all__ = ["MeanFlowLoss", "LossOutput", "sample_times", "meanflow_target", "guided_velocity",
+__all__ = ["MeanFlowLoss", "unwrap", "LossOutput", "sample_times", "meanflow_target", "guided_velocity",
            "check_times"]

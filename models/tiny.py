@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import jvp_ops as J
+
 
 def time_features(s: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
     """Sinusoidal features of a [B] time (scale 1: keeps d/dt small, see ModelConfig.time_scale)."""
@@ -56,14 +58,13 @@ class _Attention(nn.Module):
     def __init__(self, ch: int, heads: int = 2):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(8, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.norm = J.GroupNorm(8, ch)
+        self.qkv = J.Conv2d(ch, 3 * ch, 1)
+        self.proj = J.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, hh, ww = x.shape
-        dt = torch.promote_types(x.dtype, torch.float32)    # normalise in fp32 (or fp64)
-        h = F.group_norm(x.to(dt), 8, self.norm.weight.to(dt), self.norm.bias.to(dt)).to(x.dtype)
+        h = self.norm(x)
         q, k, v = self.qkv(h).reshape(b, 3, self.heads, c // self.heads, hh * ww).unbind(1)
         a = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(c // self.heads), dim=-1)
         o = (v @ a.transpose(-1, -2)).reshape(b, c, hh, ww)
@@ -77,15 +78,15 @@ class TinyConvNet(nn.Module):
                  num_classes: int = 0, temb: int = 64):
         super().__init__()
         self.temb, self.num_classes = temb, num_classes
-        self.t_mlp = nn.Sequential(nn.Linear(2 * temb, ch), nn.SiLU(), nn.Linear(ch, ch))
-        self.inp = nn.Conv2d(in_channels + edge_channels, ch, 3, padding=1)
+        self.t_mlp = nn.Sequential(J.Linear(2 * temb, ch), J.SiLU(), J.Linear(ch, ch))
+        self.inp = J.Conv2d(in_channels + edge_channels, ch, 3, padding=1)
         self.null_edge = nn.Parameter(torch.randn(ch) * 0.02) if edge_channels else None
         self.label_emb = nn.Embedding(num_classes + 1, ch) if num_classes else None
-        self.c1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.down = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.c1 = J.Conv2d(ch, ch, 3, padding=1)
+        self.down = J.Conv2d(ch, ch, 3, stride=2, padding=1)
         self.attn = _Attention(ch)
-        self.up = nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1)
-        self.out = nn.Conv2d(2 * ch, in_channels, 3, padding=1)
+        self.up = J.Conv2d(ch, ch, 3, padding=1)
+        self.out = J.Conv2d(2 * ch, in_channels, 3, padding=1)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, edge: Optional[Tensor] = None,
                 label: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
@@ -104,8 +105,8 @@ class TinyConvNet(nn.Module):
             if keep is not None:
                 label = torch.where(keep, label, torch.full_like(label, self.num_classes))
             emb = emb + self.label_emb(label)
-        h0 = F.silu(self.inp(x) + emb[:, :, None, None])                     # [B, ch, H, W]
-        h = F.silu(self.c1(h0))
-        h = self.attn(F.silu(self.down(h)))                                 # [B, ch, H/2, W/2]
-        h = F.silu(self.up(h))                                              # [B, ch, H, W]
+        h0 = J.silu(self.inp(x) + emb[:, :, None, None])                     # [B, ch, H, W]
+        h = J.silu(self.c1(h0))
+        h = self.attn(J.silu(self.down(h)))                                 # [B, ch, H/2, W/2]
+        h = J.silu(self.up(F.interpolate(h, scale_factor=2.0, mode="nearest")))  # [B, ch, H, W]
         return self.out(torch.cat([h, h0], 1))

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,14 +21,15 @@ STEPS = 2
 B = 8
 
 
-def _setup(seed: int = 0):
+def _setup(jvp_mode: str, seed: int = 0):
     from meanflow import MeanFlowConfig, MeanFlowLoss
     from models.tiny import TinyConvNet
 
     torch.manual_seed(seed)
     net = TinyConvNet(in_channels=1, ch=16, edge_channels=1, num_classes=4)
     # Guidance on, so the no-grad u(z, t, t | null) forwards run through DDP as well.
-    loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=0.5, cfg_omega=1.5, cfg_kappa=0.2))
+    loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=0.5, cfg_omega=1.5, cfg_kappa=0.2,
+                                          jvp_mode=jvp_mode))
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(STEPS):
@@ -61,13 +63,13 @@ def _run(model, loss_fn, batches, sl: slice, world: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, jvp_mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        net, loss_fn, batches = _setup()
+        net, loss_fn, batches = _setup(jvp_mode)
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         n = B // world
         grads = _run(ddp, loss_fn, batches, slice(rank * n, (rank + 1) * n), world)
@@ -76,12 +78,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_equal_single_process_full_batch(tmp_path):
+@pytest.mark.parametrize("jvp_mode", ["split", "joint"])
+def test_ddp_gradients_equal_single_process_full_batch(tmp_path, jvp_mode):
     torch.set_num_threads(1)
-    net, loss_fn, batches = _setup()
+    net, loss_fn, batches = _setup(jvp_mode)
     ref = _run(net, loss_fn, batches, slice(0, B), 1)
 
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), jvp_mode), nprocs=2,
                        join=True, start_method="spawn")
     g0 = load_file(str(tmp_path / "rank0.safetensors"))
     g1 = load_file(str(tmp_path / "rank1.safetensors"))

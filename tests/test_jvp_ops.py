@@ -1,0 +1,65 @@
+"""The fast forward-mode rules of models/jvp_ops.py equal PyTorch's own, and gradients too."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from models import jvp_ops as J
+
+torch.manual_seed(0)
+X = torch.randn(3, 8, 6, 6, dtype=torch.float64)
+T = torch.randn_like(X)
+W_CONV = torch.randn(5, 8, 3, 3, dtype=torch.float64)
+B5 = torch.randn(5, dtype=torch.float64)
+W8, B8 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+W_LIN = torch.randn(4, 6, dtype=torch.float64)
+
+CASES = {
+    "conv2d": (lambda x: J.conv2d(x, W_CONV, B5, 2, 1),
+               lambda x: F.conv2d(x, W_CONV, B5, 2, 1)),
+    "linear": (lambda x: J.linear(x, W_LIN, B5[:4]), lambda x: F.linear(x, W_LIN, B5[:4])),
+    "silu": (J.silu, F.silu),
+    "group_norm": (lambda x: J.group_norm(x, 4, W8, B8), lambda x: F.group_norm(x, 4, W8, B8)),
+    "layer_norm": (lambda x: J.layer_norm(x, (6,), W8[:6], B8[:6]),
+                   lambda x: F.layer_norm(x, (6,), W8[:6], B8[:6])),
+}
+
+
+def _dual(fn, x, t):
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(fn(fwAD.make_dual(x, t)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_tangent_and_primal_equal_pytorch_rules(name):
+    fast, ref = CASES[name]
+    p1, t1 = _dual(fast, X, T)
+    p2, t2 = _dual(ref, X, T)
+    assert torch.allclose(p1, p2, atol=1e-12)
+    assert torch.allclose(t1, t2, atol=1e-10), (t1 - t2).abs().max()
+    assert torch.equal(fast(X), ref(X))                  # no tangent: the plain op
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_through_the_joint_pass(name):
+    """With a graph recorded (joint mode), d(primal)/d(input) is the plain op's gradient."""
+    fast, ref = CASES[name]
+    x1 = X.clone().requires_grad_()
+    x2 = X.clone().requires_grad_()
+    with fwAD.dual_level():
+        p, _ = fwAD.unpack_dual(fast(fwAD.make_dual(x1, T)))
+    (p ** 2).sum().backward()
+    (ref(x2) ** 2).sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-10)
+
+
+def test_norms_run_in_float32_under_bf16_autocast():
+    x = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = J.conv2d(x, W_CONV.float(), None, 1, 1)
+        assert h.dtype == torch.bfloat16
+        p, t = _dual(lambda z: J.group_norm(z, 5, None, None), h, torch.randn_like(h))
+    assert p.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
+    assert torch.isfinite(t.float()).all()
