@@ -1,0 +1,209 @@
+"""Machinery for train.py: EMA, learning-rate schedule, deterministic data order, checkpoint
+discovery and the inference export. Nothing here knows about the MeanFlow math."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .config import Config, ModelConfig, from_dict, to_dict
+
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
+EXPORT_DIR = "export"
+EXPORT_CONFIG = "model_config.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------------
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, rank, step, ...), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning rate
+# --------------------------------------------------------------------------------------------
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        frac = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------
+class ShardedEpochSampler(torch.utils.data.Sampler):
+    """Every epoch a permutation of the dataset from (seed, epoch); rank r takes every
+    world-th batch-sized slice. Yields ``epoch * n + index`` so that a dataset wrapper can seed
+    each sample's augmentation from (seed, epoch, index): the data seen at micro-step k is
+    then a function of k alone, which makes resume exact and lets a run start mid-epoch.
+    """
+
+    def __init__(self, n: int, per_rank_batch: int, rank: int, world: int, seed: int,
+                 start_batch: int = 0):
+        self.n, self.bs, self.rank, self.world, self.seed = n, per_rank_batch, rank, world, seed
+        self.per_epoch = n // (per_rank_batch * world)       # full global batches per epoch
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset has {n} samples, fewer than one global batch of "
+                             f"{per_rank_batch * world}")
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        b = self.start_batch
+        while True:
+            epoch, j = divmod(b, self.per_epoch)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            perm = torch.randperm(self.n, generator=g)
+            gb = self.bs * self.world
+            for jj in range(j, self.per_epoch):
+                lo = jj * gb + self.rank * self.bs
+                for i in perm[lo: lo + self.bs].tolist():
+                    yield epoch * self.n + i
+            b = (epoch + 1) * self.per_epoch
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) before each item: augmentation (flip,
+    latent posterior noise) no longer depends on worker count or on where a run resumed."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        epoch, i = divmod(k, len(self.dataset))
+        torch.manual_seed(mix_seed(self.seed, 7, epoch, i))
+        return self.dataset[i]
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving averages of a model's floating-point parameters, one per decay.
+
+    Registered with ``accelerator.register_for_checkpointing`` (state_dict/load_state_dict).
+    Updated on every rank (the parameters are identical after the all-reduce), so no rank
+    drifts and no collective is needed.
+    """
+
+    def __init__(self, model: nn.Module, decays: list[float]):
+        self.decays = [float(d) for d in decays]
+        self.names = [n for n, p in model.named_parameters()]
+        self.shadows = [{n: p.detach().clone().float() for n, p in model.named_parameters()}
+                        for _ in self.decays]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for decay, shadow in zip(self.decays, self.shadows):
+            keys = list(shadow)
+            torch._foreach_lerp_([shadow[k] for k in keys],
+                                 [params[k].detach().float() for k in keys], 1.0 - decay)
+
+    def copy_to(self, model: nn.Module, index: int = 0) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.shadows[index][n].to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {f"{i}.{n}": t for i, s in enumerate(self.shadows) for n, t in s.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, s in enumerate(self.shadows):
+            for n in s:
+                s[n].copy_(state[f"{i}.{n}"])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def ckpt_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first. Interrupted ones (no COMPLETE marker) are ignored."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / COMPLETE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob("*.tmp"):                    # leftovers of interrupted saves
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference export: safetensors weights + JSON config (nothing pickled)
+# --------------------------------------------------------------------------------------------
+def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
+                 ema_decay: Optional[float]) -> None:
+    """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp_w = out_dir / "model.safetensors.tmp"
+    save_file(state, str(tmp_w), metadata={"step": str(step)})
+    info = dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
+                data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
+                ema_decay=ema_decay, format_version=1)
+    tmp_c = out_dir / (EXPORT_CONFIG + ".tmp")
+    tmp_c.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp_w, out_dir / "model.safetensors")
+    os.replace(tmp_c, out_dir / EXPORT_CONFIG)
+
+
+def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    """Build the backbone from an export folder (or a run folder containing ``export/``)."""
+    import models
+
+    p = Path(path)
+    if (p / EXPORT_DIR / EXPORT_CONFIG).is_file():
+        p = p / EXPORT_DIR
+    cfg_file, w_file = p / EXPORT_CONFIG, p / "model.safetensors"
+    for f in (cfg_file, w_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: expected an export folder written by "
+                                    f"train.py (model.safetensors + {EXPORT_CONFIG})")
+    try:
+        info = json.loads(cfg_file.read_text())
+        mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
+        raise ValueError(f"{cfg_file}: not a valid model config: {e}") from None
+    net = models.build(mcfg)
+    try:
+        state = load_file(str(w_file))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{w_file}: cannot read safetensors weights: {e}") from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{w_file} does not match the model in {cfg_file}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return net.to(device).eval(), info

@@ -1,0 +1,160 @@
+"""train.py end to end on CPU, with a tiny LMDB the test writes.
+
+One process and two (torchrun, gloo) give the same model; a run killed and resumed ends
+bitwise identical to an uninterrupted one; non-finite losses are skipped then stop the run;
+SIGTERM checkpoints and exits; config typos and dataset mismatches fail before training.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import PY, ROOT, env, make_pixel_dataset, run
+
+CONFIG = """
+model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: 1, edge_size: 16,
+        num_classes: 10, base_channels: 16, channel_mults: [1, 2], num_res_blocks: 1,
+        attn_resolutions: [8], dropout: 0.0}}
+meanflow: {{ratio_r_neq_t: 0.5, cfg_omega: 1.5, cond_drop_prob: 0.2}}
+data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
+       use_edges: true, use_labels: true, num_workers: {workers}}}
+train: {{batch_size: 8, max_steps: 6, lr: 1.0e-3, warmup_steps: 2, log_every: 2,
+        image_every: 3, ckpt_every: 3, keep_checkpoints: 2, ema_decays: [0.9, 0.5]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_pixel_dataset(tmp_path_factory.mktemp("train_data"))
+
+
+def write_cfg(tmp: Path, data: Path, workers: int = 0) -> Path:
+    p = tmp / "tiny.yaml"
+    p.write_text(CONFIG.format(data=data, workers=workers))
+    return p
+
+
+def train(cfg: Path, run_dir: Path, *extra, nproc: int = 1, **env_extra):
+    if nproc == 1:
+        cmd = [PY, "train.py"]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "train.py"]
+    return run(cmd + ["--config", str(cfg), "--run-dir", str(run_dir), *extra], **env_extra)
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset, workers=1)
+    res = train(cfg, tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rd = tmp_path / "run"
+    ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
+    assert ckpts == ["step_0000003", "step_0000006"]          # keep_checkpoints = 2
+    assert (rd / "checkpoints" / "step_0000006" / "COMPLETE").is_file()
+    assert (rd / "config.yaml").is_file()
+    info = (rd / "export" / "model_config.json").read_text()
+    assert '"step": 6' in info and '"codec": "pixel"' in info
+    lines = (rd / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    for key in ("train/loss", "train/mse", "train/u_rms", "train/tgt_rms", "train/rms_ratio",
+                "train/grad_norm", "train/lr", "train/samples_per_s"):
+        assert key in header, key
+    assert len(lines) == 1 + 3                                 # steps 2, 4, 6
+    assert list((rd / "tb").glob("events.out.tfevents.*"))
+    w = final_weights(rd)
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_two_processes_train_the_same_model_as_one(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset)
+    one = train(cfg, tmp_path / "one")
+    two = train(cfg, tmp_path / "two", nproc=2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    # Same data, noise, times and dropout masks; only the float summation order differs, and
+    # Adam turns float noise in near-zero gradients into steps of up to lr. Bound that.
+    v1 = torch.cat([w1[k].flatten() for k in sorted(w1)])
+    v2 = torch.cat([w2[k].flatten() for k in sorted(w1)])
+    assert (v1 - v2).abs().max() < 3e-3                     # lr 1e-3, 6 steps
+    assert (v1 - v2).norm() / v1.norm() < 1e-3
+
+
+def test_killed_run_resumes_bitwise_identical(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset, workers=1)
+    ref = train(cfg, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    rd = tmp_path / "killed"
+    died = train(cfg, rd, MEANFLOW_KILL_AFTER_STEP=4)
+    assert died.returncode == 137
+    # a half-written checkpoint (no COMPLETE marker) must never be taken as the latest
+    (rd / "checkpoints" / "step_0000005").mkdir()
+    (rd / "checkpoints" / "step_0000005.tmp").mkdir()
+    again = train(cfg, rd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step_0000003" in again.stdout
+    a, b = final_weights(tmp_path / "ref"), final_weights(rd)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset)
+    res = train(cfg, tmp_path / "skip", MEANFLOW_INJECT_NAN_STEPS="1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 1: non-finite loss or gradient, update skipped" in res.stdout
+    csv = (tmp_path / "skip" / "metrics.csv").read_text()
+    assert "train/skipped_steps" in csv
+    w = final_weights(tmp_path / "skip")
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+    res = train(cfg, tmp_path / "stop", "train.max_nonfinite=2",
+                MEANFLOW_INJECT_NAN_STEPS="3,4,5")
+    assert res.returncode == 3
+    assert "2 consecutive non-finite steps" in res.stdout
+    ckpts = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir())
+    assert ckpts == ["step_0000003"]                        # the last good one, intact
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset)
+    rd = tmp_path / "term"
+    proc = subprocess.Popen([PY, "train.py", "--config", str(cfg), "--run-dir", str(rd),
+                             "train.max_steps=100000", "train.ckpt_every=100000",
+                             "train.image_every=100000"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                 # blocks until the loop is about to start
+        if "parameters;" in line:
+            break
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "(SIGTERM); checkpoint saved" in out
+    ckpts = list((rd / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
+
+
+def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, dataset):
+    cfg = write_cfg(tmp_path, dataset)
+    res = train(cfg, tmp_path / "typo", "train.lrr=1")
+    assert res.returncode == 2 and "unknown config key 'train.lrr'" in res.stderr
+    res = train(cfg, tmp_path / "size", "data.image_size=32", "model.input_size=32",
+                "model.edge_size=32")
+    assert res.returncode == 2 and "image" in res.stderr and "32" in res.stderr
+    assert not (tmp_path / "size" / "checkpoints").exists()
+    res = train(cfg, tmp_path / "dry", "--dry-run")
+    assert res.returncode == 0
+    assert "parameters" in res.stdout and "96 records" in res.stdout

@@ -1,0 +1,389 @@
+"""Train a MeanFlow model (U-Net or SiT backbone) on an LMDB written by preprocess/cache.py.
+
+    accelerate launch train.py --config configs/afhq_unet.yaml --run-dir runs/afhq_unet [key=value ...]
+    accelerate launch --multi_gpu --num_processes 8 train.py --config configs/afhq_sit_b2.yaml
+    torchrun --nproc_per_node 2 train.py --config configs/fashion_demo.yaml
+    python train.py --config configs/fashion_demo.yaml --dry-run
+
+Runs the same on one CPU, one GPU or many (gloo on CPU, NCCL on GPU). ``train.batch_size`` is
+the GLOBAL batch of one forward pass, split over the processes, so results do not depend on
+the process count. A restart resumes from the latest complete checkpoint of the run
+directory (``--resume auto``, the default) with the same data order and random draws as an
+uninterrupted run. SIGTERM / SIGINT save a checkpoint and exit cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from meanflow.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
+from meanflow.objective import MeanFlowLoss, sample_times  # noqa: E402
+from meanflow.runtime import tune_cpu_allocator  # noqa: E402
+from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, SeededItems,  # noqa: E402
+                               ShardedEpochSampler, ckpt_name, export_model, list_checkpoints,
+                               lr_at, mix_seed, prune_checkpoints)
+
+# Test aids (the test suite uses them to inject faults at known points):
+NAN_ENV = "MEANFLOW_INJECT_NAN_STEPS"    # comma-separated optimizer steps whose loss is NaN
+KILL_ENV = "MEANFLOW_KILL_AFTER_STEP"    # hard exit (as if killed) once this step is done
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML file in configs/")
+    ap.add_argument("--run-dir", default=None,
+                    help="output folder (default runs/<config name>)")
+    ap.add_argument("--resume", default="auto",
+                    help="'auto' (latest checkpoint in the run dir, if any), 'none', or a "
+                         "checkpoint folder")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config, parameter count and dataset size; exit")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=3e-4")
+    return ap.parse_args(argv)
+
+
+class Run:
+    """Rank-0-only side effects (console, TensorBoard, CSV) behind one object."""
+
+    def __init__(self, accelerator, run_dir: Path, enabled_tb: bool = True):
+        self.acc = accelerator
+        self.is_main = accelerator.is_main_process
+        self.run_dir = run_dir
+        self.tb = None
+        self.csv_file = None
+        if self.is_main and enabled_tb:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def print(self, *a) -> None:
+        if self.is_main:
+            print(*a, flush=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.is_main:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", *values.keys()])
+            w.writerow([step, *[f"{v:.6g}" for v in values.values()]])
+
+    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
+        if self.is_main:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def build_data(cfg: Config, path: str):
+    from meanflow.data import LMDBDataset
+    return LMDBDataset(path, flip=cfg.data.flip, use_edges=cfg.data.use_edges,
+                       use_labels=cfg.data.use_labels)
+
+
+def batch_to(batch: dict, device, cfg: Config):
+    x = batch["x"].to(device, non_blocking=True)
+    edge = batch["edge"].to(device, non_blocking=True) if cfg.data.use_edges else None
+    label = batch["label"].to(device, non_blocking=True) if cfg.data.use_labels else None
+    return x, edge, label
+
+
+def global_draws(cfg: Config, at: tuple[int, int], x: torch.Tensor, rank: int, has_cond: bool):
+    """Noise, (r, t) and the condition-dropout mask of this rank's slice of the GLOBAL batch.
+
+    Drawn for the whole global batch from a generator seeded by (seed, step, micro-step) and
+    sliced by rank, so every sample's randomness is the same whatever the number of
+    processes: 1 and N processes train the same model (up to float summation order).
+    """
+    tc = cfg.train
+    g = torch.Generator().manual_seed(mix_seed(tc.seed, 3, *at))
+    n, lo = x.shape[0], rank * x.shape[0]
+    r, t = sample_times(cfg.meanflow, tc.batch_size, "cpu", g)
+    noise = torch.randn((tc.batch_size, *x.shape[1:]), generator=g)
+    keep = MeanFlowLoss(cfg.meanflow).drop_mask(tc.batch_size, "cpu", has_cond, g)
+    sl = slice(lo, lo + n)
+    dev = x.device
+    return (noise[sl].to(dev, x.dtype), r[sl].to(dev), t[sl].to(dev),
+            None if keep is None else keep[sl].to(dev))
+
+
+@torch.no_grad()
+def validation_grid(model, ema: EMA, val: dict, cfg: Config, decoder) -> torch.Tensor:
+    """[3, H, W] grid, one row per validation sample: edge | ground truth | EMA 1-step | 2-step."""
+    from meanflow.sampling import sample
+    from torchvision.utils import make_grid
+
+    was_training = model.training
+    backup = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema.copy_to(model, 0)
+    model.eval()
+    x, edge, label = val["x"], val["edge"], val["label"]
+    cols = []
+    if edge is not None:
+        e = torch.nn.functional.interpolate(edge[:, :1], size=cfg.data.image_size, mode="nearest")
+        cols.append(e.expand(-1, 3, -1, -1) * 2 - 1)
+    cols.append(decoder(x))
+    for steps in (1, 2):
+        cols.append(decoder(sample(model, val["noise"], steps, edge=edge, label=label)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(backup[n])
+    model.train(was_training)
+    tiles = torch.stack(cols, 1).flatten(0, 1)          # [N * cols, 3, H, W] row-major
+    return make_grid(tiles.float().clamp(-1, 1) * 0.5 + 0.5, nrow=len(cols), padding=1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tune_cpu_allocator()
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    tc = cfg.train
+    run_dir = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
+    # cpu=True when there is no GPU: Accelerate only sets up a multi-process (gloo) run on
+    # CPU when told so; on GPUs it picks NCCL by itself.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=tc.mixed_precision,
+                              gradient_accumulation_steps=tc.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  broadcast_buffers=False)])
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if tc.batch_size % world:
+        print(f"error: train.batch_size={tc.batch_size} is not divisible by the number of "
+              f"processes ({world})", file=sys.stderr)
+        return 2
+    per_rank = tc.batch_size // world
+
+    # ---- data (metadata read before any worker forks; environments open lazily) ----------
+    from meanflow.data import check_compatible
+    try:
+        data = build_data(cfg, cfg.data.path)
+        check_compatible(data.meta, cfg.data, cfg.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import models
+    torch.manual_seed(tc.seed)                                  # identical init on every rank
+    model = models.build(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.dry_run:
+        if accelerator.is_main_process:
+            import yaml
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters")
+            print(f"dataset {cfg.data.path}: {len(data)} records; {world} process(es), "
+                  f"{per_rank} per process x {tc.grad_accum} accumulation")
+        return 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    run = Run(accelerator, run_dir)
+    if accelerator.is_main_process:
+        prev = run_dir / "config.yaml"
+        if prev.exists() and load_config(prev) != cfg:
+            old, new = to_dict(load_config(prev)), to_dict(cfg)
+            diff = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
+                    if old[s][k] != new[s][k]]
+            run.print("note: the config differs from the run's previous one: " + "; ".join(diff))
+        save_config(cfg, run_dir / "config.yaml")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                            weight_decay=tc.weight_decay)
+    ema = EMA(model, tc.ema_decays)
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.register_for_checkpointing(ema)
+    loss_fn = MeanFlowLoss(cfg.meanflow)
+
+    # ---- resume ---------------------------------------------------------------------------
+    step = 0
+    if args.resume != "none":
+        ckpts = list_checkpoints(ckpt_dir)
+        path = Path(args.resume) if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
+        if path is not None:
+            if not (path / COMPLETE).is_file():
+                print(f"error: {path} is not a complete checkpoint", file=sys.stderr)
+                return 2
+            accelerator.load_state(str(path))
+            step = int((path / COMPLETE).read_text().split()[0])
+            run.print(f"resumed from {path} at step {step}")
+
+    sampler = ShardedEpochSampler(len(data), per_rank, rank, world, tc.seed,
+                                  start_batch=step * tc.grad_accum)
+    loader = torch.utils.data.DataLoader(
+        SeededItems(data, tc.seed), batch_size=per_rank, sampler=sampler,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0)
+
+    # ---- fixed validation batch (same on every rank; used by rank 0 only) ------------------
+    val_data = build_data(cfg, cfg.data.val_path or cfg.data.path)
+    val_data.flip = False
+    n_val = min(tc.num_val, len(val_data))
+    val_items = [val_data[i] for i in range(n_val)]
+    vb = torch.utils.data.default_collate(val_items)
+    vx, vedge, vlabel = batch_to(vb, device, cfg)
+    g = torch.Generator().manual_seed(mix_seed(tc.seed, 11))
+    val = dict(x=vx, edge=vedge, label=vlabel,
+               noise=torch.randn(vx.shape, generator=g).to(device))
+    from meanflow.codec import make_decoder
+    decoder = make_decoder(data.meta, device) if accelerator.is_main_process else None
+
+    # ---- signals: finish the current step, checkpoint, exit ---------------------------------
+    stop = {"flag": False, "why": ""}
+
+    def on_signal(signum, _frame):
+        stop["flag"], stop["why"] = True, signal.Signals(signum).name
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+
+    def save_checkpoint(at: int) -> None:
+        accelerator.wait_for_everyone()
+        final = ckpt_dir / ckpt_name(at)
+        tmp = ckpt_dir / (ckpt_name(at) + ".tmp")
+        if accelerator.is_main_process:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / COMPLETE).write_text(f"{at}\n")
+            if final.exists():
+                import shutil
+                shutil.rmtree(final)
+            os.replace(tmp, final)                       # atomic: never half-written
+            prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
+            export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
+                         tc.ema_decays[0])
+        accelerator.wait_for_everyone()
+
+    def _ema_model():
+        net = models.build(cfg.model)
+        net.load_state_dict(accelerator.unwrap_model(model).state_dict())
+        ema.copy_to(net, 0)
+        return net
+
+    nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").split(",") if s.strip()}
+    bad_streak, skipped, t_start, t_last, seen = 0, 0, time.time(), time.time(), 0
+    progress = None
+    if accelerator.is_main_process:
+        from tqdm import tqdm
+        progress = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    run.print(f"{n_params / 1e6:.2f}M parameters; {len(data)} records; {world} process(es) "
+              f"x {per_rank} x {tc.grad_accum} accumulation; device {device}")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    model.train()
+    it = iter(loader)
+    stats_sum: dict = {}
+    exit_code = 0
+    while step < tc.max_steps:
+        bad = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            batch = next(it)
+            x, edge, label = batch_to(batch, device, cfg)
+            noise, r, t, keep = global_draws(cfg, (step, micro), x, rank, edge is not None
+                                             or label is not None)
+            torch.manual_seed(mix_seed(tc.seed, rank, step, micro))   # dropout
+            with accelerator.accumulate(model):
+                out = loss_fn(model, x, edge, label, noise=noise, r=r, t=t, keep=keep)
+                loss = out.loss
+                if step in nan_steps:
+                    loss = loss * float("nan")
+                bad += (~torch.isfinite(loss)).float()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    bad = accelerator.reduce(bad, reduction="sum")       # every rank agrees
+                    gnorm = (accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                             if tc.grad_clip > 0 else torch.zeros((), device=device))
+                    if bad.item() == 0 and torch.isfinite(torch.as_tensor(gnorm)):
+                        for grp in opt.param_groups:
+                            grp["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps,
+                                              tc.schedule)
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+            for k, v in out.stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / tc.grad_accum
+        seen += tc.batch_size * tc.grad_accum
+
+        if bad.item() > 0 or not math.isfinite(float(gnorm)):
+            bad_streak += 1
+            skipped += 1
+            run.print(f"step {step}: non-finite loss or gradient, update skipped "
+                      f"({bad_streak} in a row)")
+            run.scalars(step, {"train/skipped_steps": skipped})
+            stats_sum = {}
+            if bad_streak >= tc.max_nonfinite:
+                run.print(f"error: {bad_streak} consecutive non-finite steps (train."
+                          f"max_nonfinite); stopping. The last good checkpoint is intact.")
+                exit_code = 3
+                break
+            step += 1          # the step is consumed (data and seeds move on), not applied
+            continue
+        bad_streak = 0
+        ema.update(accelerator.unwrap_model(model))
+        step += 1
+        if progress is not None:
+            progress.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.time()
+            vals = {f"train/{k}": v / tc.log_every for k, v in stats_sum.items()}
+            vals.update({"train/grad_norm": float(gnorm), "train/lr": opt.param_groups[0]["lr"],
+                         "train/samples_per_s": seen / max(now - t_last, 1e-9),
+                         "train/skipped_steps": skipped})
+            run.scalars(step, vals)
+            if progress is not None:
+                progress.set_postfix(loss=f"{vals.get('train/loss', 0):.3f}",
+                                     mse=f"{vals.get('train/mse', 0):.4f}")
+            stats_sum, seen, t_last = {}, 0, now
+        if accelerator.is_main_process and (step % tc.image_every == 0 or step == tc.max_steps):
+            grid = validation_grid(accelerator.unwrap_model(model), ema, val, cfg, decoder)
+            run.image(step, "val/edge_gt_ema1_ema2", grid)
+        # stop conditions every rank agrees on (signals, wall-clock budget)
+        flag = torch.tensor(float(stop["flag"] or (tc.max_minutes > 0 and
+                                                   time.time() - t_start > 60 * tc.max_minutes)),
+                            device=device)
+        flag = accelerator.reduce(flag, reduction="sum")
+        if step % tc.ckpt_every == 0 or step == tc.max_steps or flag.item() > 0:
+            save_checkpoint(step)
+        if flag.item() > 0:
+            why = stop["why"] or "train.max_minutes reached"
+            run.print(f"stopping at step {step} ({why}); checkpoint saved in {ckpt_dir}")
+            break
+        if os.environ.get(KILL_ENV) == str(step):
+            os._exit(137)
+
+    if progress is not None:
+        progress.close()
+    run.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
