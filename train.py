@@ -347,7 +347,7 @@ def main(argv=None) -> int:
             step += 1          # the step is consumed (data and seeds move on), not applied
             continue
         bad_streak = 0
-        ema.update(accelerator.unwrap_model(model))
+        ema.update(accelerator.unwrap_model(model), step)
         step += 1
         if progress is not None:
             progress.update(1)

@@ -114,12 +114,16 @@ class EMA:
                         for _ in self.decays]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Average in the weights after optimizer step ``step`` (0-based). The decay warms up
+        as min(decay, (1 + step) / (10 + step)): with a fixed 0.999 a short run's EMA would
+        still be 90% the random initialisation after 100 steps."""
         params = dict(model.named_parameters())
         for decay, shadow in zip(self.decays, self.shadows):
+            d = min(decay, (1.0 + step) / (10.0 + step))
             keys = list(shadow)
             torch._foreach_lerp_([shadow[k] for k in keys],
-                                 [params[k].detach().float() for k in keys], 1.0 - decay)
+                                 [params[k].detach().float() for k in keys], 1.0 - d)
 
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         with torch.no_grad():
