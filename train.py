@@ -108,7 +108,8 @@ def batch_to(batch: dict, device, cfg: Config):
     return x, edge, label
 
 
-def global_draws(cfg: Config, at: tuple[int, int], x: torch.Tensor, rank: int, has_cond: bool):
+def global_draws(cfg: Config, loss_fn: MeanFlowLoss, at: tuple[int, int], x: torch.Tensor,
+                 rank: int, has_cond: bool):
     """Noise, (r, t) and the condition-dropout mask of this rank's slice of the GLOBAL batch.
 
     Drawn for the whole global batch from a generator seeded by (seed, step, micro-step) and
@@ -120,7 +121,7 @@ def global_draws(cfg: Config, at: tuple[int, int], x: torch.Tensor, rank: int, h
     n, lo = x.shape[0], rank * x.shape[0]
     r, t = sample_times(cfg.meanflow, tc.batch_size, "cpu", g)
     noise = torch.randn((tc.batch_size, *x.shape[1:]), generator=g)
-    keep = MeanFlowLoss(cfg.meanflow).drop_mask(tc.batch_size, "cpu", has_cond, g)
+    keep = loss_fn.drop_mask(tc.batch_size, "cpu", has_cond, g)
     sl = slice(lo, lo + n)
     dev = x.device
     return (noise[sl].to(dev, x.dtype), r[sl].to(dev), t[sl].to(dev),
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
         for micro in range(tc.grad_accum):
             batch = next(it)
             x, edge, label = batch_to(batch, device, cfg)
-            noise, r, t, keep = global_draws(cfg, (step, micro), x, rank, edge is not None
+            noise, r, t, keep = global_draws(cfg, loss_fn, (step, micro), x, rank, edge is not None
                                              or label is not None)
             torch.manual_seed(mix_seed(tc.seed, rank, step, micro))   # dropout
             with accelerator.accumulate(model):

@@ -67,13 +67,19 @@ def _standardised_tangent(x: Tensor, t: Tensor, mean: Tensor, rstd: Tensor) -> T
     return rstd * (t - t.mean(-1, keepdim=True) - xh * (xh * t).mean(-1, keepdim=True))
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """GroupNorm computed in float32 (at least), output in the input's dtype."""
+def _norm_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """(primal, tangent, compute dtype, weight, bias) with the affine parameters cast."""
     xp, xt = split_dual(x)
     dt = _norm_dtype(xp)
     w = weight.to(dt) if weight is not None else None
     b = bias.to(dt) if bias is not None else None
+    return xp, xt, dt, w, b
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """GroupNorm computed in float32 (at least), output in the input's dtype."""
+    xp, xt, dt, w, b = _norm_inputs(x, weight, bias)
     if xt is None:
         return F.group_norm(x.to(dt), num_groups, w, b, eps).to(x.dtype)
     n, c = xp.shape[:2]
@@ -92,10 +98,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
 def layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm computed in float32 (at least), output in the input's dtype."""
-    xp, xt = split_dual(x)
-    dt = _norm_dtype(xp)
-    w = weight.to(dt) if weight is not None else None
-    b = bias.to(dt) if bias is not None else None
+    xp, xt, dt, w, b = _norm_inputs(x, weight, bias)
     if xt is None:
         return F.layer_norm(x.to(dt), normalized_shape, w, b, eps).to(x.dtype)
     y, mean, rstd = torch.native_layer_norm(xp.to(dt), list(normalized_shape), w, b, eps)
