@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     loss_fn = MeanFlowLoss(cfg.meanflow)
 
     # ---- resume ---------------------------------------------------------------------------
-    step = 0
+    step, trained_s = 0, 0.0       # trained_s: training wall time of earlier sessions of this run
     if args.resume != "none":
         ckpts = list_checkpoints(ckpt_dir)
         path = Path(args.resume) if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
@@ -233,8 +233,19 @@ def main(argv=None) -> int:
                 print(f"error: {path} is not a complete checkpoint", file=sys.stderr)
                 return 2
             accelerator.load_state(str(path))
-            step = int((path / COMPLETE).read_text().split()[0])
-            run.print(f"resumed from {path} at step {step}")
+            marker = (path / COMPLETE).read_text().split()
+            step = int(marker[0])
+            trained_s = float(marker[1]) if len(marker) > 1 else 0.0
+            run.print(f"resumed from {path} at step {step} ({trained_s / 60:.1f} min trained)")
+    # train.max_minutes is a budget for the whole run, resumes included: a finished run
+    # started again does nothing (so scripts can re-run it to reuse what is done).
+    budget_s = 60 * tc.max_minutes if tc.max_minutes > 0 else math.inf
+    if step >= tc.max_steps or trained_s >= budget_s:
+        run.print(f"nothing to do: the run is complete at step {step} ({trained_s / 60:.1f} "
+                  f"min of train.max_minutes={tc.max_minutes}, train.max_steps={tc.max_steps})")
+        run.close()
+        accelerator.end_training()
+        return 0
 
     sampler = ShardedEpochSampler(len(data), per_rank, rank, world, tc.seed,
                                   start_batch=step * tc.grad_accum)
@@ -274,7 +285,7 @@ def main(argv=None) -> int:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / COMPLETE).write_text(f"{at}\n")
+            (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
             if final.exists():
                 import shutil
                 shutil.rmtree(final)
@@ -368,9 +379,8 @@ def main(argv=None) -> int:
             grid = validation_grid(accelerator.unwrap_model(model), ema, val, cfg, decoder)
             run.image(step, "val/edge_gt_ema1_ema2", grid)
         # stop conditions every rank agrees on (signals, wall-clock budget)
-        flag = torch.tensor(float(stop["flag"] or (tc.max_minutes > 0 and
-                                                   time.time() - t_start > 60 * tc.max_minutes)),
-                            device=device)
+        flag = torch.tensor(float(stop["flag"] or
+                                  trained_s + time.time() - t_start > budget_s), device=device)
         flag = accelerator.reduce(flag, reduction="sum")
         if step % tc.ckpt_every == 0 or step == tc.max_steps or flag.item() > 0:
             save_checkpoint(step)

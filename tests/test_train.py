@@ -107,6 +107,12 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, dataset):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # a finished run started again does nothing (scripts re-run it to reuse what is done)
+    before = sorted(p.name for p in (rd / "checkpoints").iterdir())
+    done = train(cfg, rd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nothing to do: the run is complete at step 6" in done.stdout
+    assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == before
 
 
 def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, dataset):
@@ -145,6 +151,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
     assert "(SIGTERM); checkpoint saved" in out
     ckpts = list((rd / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
+    # the marker records the training time so far; train.max_minutes budgets the whole run,
+    # resumes included, so a budget already spent trains no further
+    step, secs = (ckpts[0] / "COMPLETE").read_text().split()
+    assert float(secs) > 0
+    spent = train(cfg, rd, "train.max_steps=100000", f"train.max_minutes={float(secs) / 120}")
+    assert spent.returncode == 0, spent.stderr[-3000:]
+    assert f"nothing to do: the run is complete at step {step}" in spent.stdout
+    assert list((rd / "checkpoints").glob("step_*")) == ckpts
 
 
 def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, dataset):
