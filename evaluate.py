@@ -7,8 +7,9 @@
 
 Every sample's noise comes from (seed, sample index) and samples are processed in fixed
 global batches, so the images are byte-identical whatever the number of processes; ranks take
-every world-th batch. The reference for FID/KID is the real images of the same samples
-(same split, category and N); its statistics are cached next to the dataset.
+every world-th batch. The N samples are spread evenly over the split (or category), so
+they cover every class; the reference for FID/KID is the real images of the same samples,
+and its statistics are cached next to the dataset.
 """
 from __future__ import annotations
 
@@ -113,6 +114,15 @@ def as_rgb(imgs: np.ndarray) -> np.ndarray:
     return np.repeat(imgs, 3, axis=-1) if imgs.shape[-1] == 1 else imgs
 
 
+def real_statistics(ds, sel: list[int], tag: str, weights, device) -> dict:
+    """FID/KID statistics of the real images ``sel`` of ``ds``, cached next to the dataset
+    under ``tag`` (e.g. "test_n1000_spread"), so that every run and script shares one file."""
+    from meanflow import metrics as M
+    return M.reference_statistics(
+        f"{Path(ds.path).resolve()}::{tag}", lambda: as_rgb(np.stack([ds.image(i) for i in sel])),
+        cache_dir=Path(ds.path) / "fid_ref", n=len(sel), weights=weights, device=device)
+
+
 # --------------------------------------------------------------------------------------------
 def resolve(args, info: dict):
     """Dataset, selected indices and the checks that must pass before sampling."""
@@ -143,7 +153,16 @@ def resolve(args, info: dict):
     n = args.num_samples if args.num_samples is not None else len(idx)
     if n < 1 or n > len(idx):
         raise EvalError(f"--num-samples {n}: the selection has {len(idx)} samples")
-    return ds, idx[:n], dcfg, mcfg
+    return ds, spread(idx, n), dcfg, mcfg
+
+
+def spread(idx: list[int], n: int) -> list[int]:
+    """``n`` evenly spaced entries of ``idx`` (all of it when n = len(idx)).
+
+    Keys are sorted by category, so the first N samples would be one or two classes; evenly
+    spaced ones cover every class in proportion, and the choice does not depend on the seed.
+    """
+    return [idx[(k * len(idx)) // n] for k in range(n)]
 
 
 def main(argv=None) -> int:
@@ -174,16 +193,13 @@ def main(argv=None) -> int:
     from meanflow.codec import make_decoder
     decode = make_decoder(ds.meta, device)
     n = len(sel)
-    tag = f"{args.split}{'_' + args.category if args.category else ''}_n{n}"
+    tag = f"{args.split}{'_' + args.category if args.category else ''}_n{n}_spread"
     want_fid = args.fid or args.ref
     ref_stats, weights = None, None
     if want_fid:
         weights = M.fid_weights_path(args.fid_weights)
         if rank == 0:
-            ref_stats = M.reference_statistics(
-                f"{Path(ds.path).resolve()}::{tag}",
-                lambda: as_rgb(np.stack([ds.image(i) for i in sel])),
-                cache_dir=Path(ds.path) / "fid_ref", n=n, weights=weights, device=device)
+            ref_stats = real_statistics(ds, sel, tag, weights, device)
         if args.ref:
             print0(rank, f"reference statistics for {tag} ready in {Path(ds.path) / 'fid_ref'}")
             if dist.is_initialized():
@@ -213,6 +229,7 @@ def main(argv=None) -> int:
     chan = mcfg.in_channels
     shape = (chan, mcfg.input_size, mcfg.input_size)
     results, grid_cols = [], {}
+    grid_rows = set(spread(sel, min(args.grid_rows, n)))
     for steps in steps_list:
         sdir = out / f"steps_{steps}"
         if rank == 0 and not args.no_png:
@@ -232,7 +249,7 @@ def main(argv=None) -> int:
             for i, img in zip(b, imgs):
                 if not args.no_png:
                     save_png(sdir / f"{i:06d}_{safe_name(ds.keys[i])}.png", img)
-                if i in sel[: args.grid_rows]:
+                if i in grid_rows:
                     grid_cols.setdefault(i, {})[steps] = img
             if want_fid:
                 feats.append((b, M.inception_features(as_rgb(imgs), device=device,
@@ -262,7 +279,8 @@ def main(argv=None) -> int:
     if rank == 0:
         write_reports(out, results, info, args, n)
         if args.compare_steps:
-            write_grid(out / "grid.png", ds, sel[: args.grid_rows], grid_cols, steps_list)
+            write_grid(out / "grid.png", ds, spread(sel, min(args.grid_rows, n)), grid_cols,
+                       steps_list)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -37,6 +37,17 @@ def test_samples_do_not_depend_on_the_process_count(trained, tmp_path):
         outs.append({p.name: p.read_bytes() for p in (out / "steps_1").glob("*.png")})
     assert len(outs[0]) == 10                           # none missing or doubled (10 = 4+4+2)
     assert outs[0] == outs[1] == outs[2]
+    # keys are sorted by category: the N samples are spread over the split, not its first N
+    # (which would be one or two classes)
+    cats = {name.split("_")[2] for name in outs[0]}     # 000012_test_<category>_<stem>.png
+    assert len(cats) >= 5, sorted(outs[0])
+
+
+def test_spread_picks_evenly_spaced_samples():
+    from evaluate import spread
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread([5, 7, 9], 3) == [5, 7, 9]
+    assert len(set(spread(list(range(10_000)), 1000))) == 1000
 
 
 def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
