@@ -84,6 +84,11 @@ class ModelConfig:
     time_scale: float = _f(1.0, lo=0.0, lo_open=True,
                            doc="t is multiplied by this before the sinusoidal embedding; "
                                "large values (1000) make the JVP target explode")
+    prediction: str = _f("u", choices=("u", "x"),
+                         doc="what the network outputs: u itself, or a clean image x_hat with "
+                             "u = (z - x_hat) / max(t, x_pred_t_min) (better in pixel space)")
+    x_pred_t_min: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True,
+                             doc="lower clamp of t in the x-prediction's division")
     # SiT
     edge_mode: str = _f("add", choices=("add", "tokens"),
                         doc="SiT: add edge patches to the latent tokens or append them")

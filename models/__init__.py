@@ -38,7 +38,8 @@ def build(cfg) -> nn.Module:
     """The backbone named by ``cfg.name`` (a :class:`meanflow.config.ModelConfig`)."""
     common = dict(input_size=cfg.input_size, in_channels=cfg.in_channels,
                   num_classes=cfg.num_classes, edge_channels=cfg.edge_channels,
-                  edge_size=cfg.edge_size, time_embed=cfg.time_embed, time_scale=cfg.time_scale)
+                  edge_size=cfg.edge_size, time_embed=cfg.time_embed, time_scale=cfg.time_scale,
+                  prediction=cfg.prediction, x_pred_t_min=cfg.x_pred_t_min)
     if cfg.name == UNET_NAME:
         return UNet(base_channels=cfg.base_channels, channel_mults=tuple(cfg.channel_mults),
                     num_res_blocks=cfg.num_res_blocks,

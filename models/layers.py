@@ -105,6 +105,32 @@ def check_inputs(z: Tensor, r: Tensor, t: Tensor, edge: Optional[Tensor], label:
                          f"{tuple(keep.shape)}")
 
 
+PREDICTIONS = ("u", "x")
+
+
+def check_prediction(prediction: str, t_min: float) -> tuple[str, float]:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not 0.0 < t_min <= 1.0:
+        raise ValueError(f"x_pred_t_min must be in (0, 1], got {t_min}")
+    return prediction, float(t_min)
+
+
+def to_velocity(out: Tensor, z: Tensor, t: Tensor, prediction: str, t_min: float) -> Tensor:
+    """The backbone's raw output -> the average velocity u the objective works with.
+
+    "u": the output is u. "x": the output is a clean image x_hat and u = (z - x_hat) / t, so
+    that z_r = z_t - (t - r) u = (r/t) z_t + (1 - r/t) x_hat and the 1-step sample
+    e - u(e, 0, 1) is x_hat itself: the network never has to reproduce the noise in order to
+    cancel it (pixel-space MeanFlow and JiT predict x for this reason). t is clamped below at
+    ``t_min`` in the division, where (z - x_hat) / t would amplify errors without bound.
+    """
+    if prediction == "u":
+        return out
+    tt = t.clamp(min=t_min).to(torch.promote_types(out.dtype, t.dtype))
+    return (z - out) / tt.view(-1, *([1] * (out.dim() - 1)))
+
+
 # --------------------------------------------------------------------------------------------
 # Embedders
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from timm.layers import Mlp, PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor
 
-from .layers import (Attention, ConditionEmbedder, check_inputs, edge_keep_mask,
-                     use_fast_jvp_ops, zero_init_)
+from .layers import (Attention, ConditionEmbedder, check_inputs, check_prediction,
+                     edge_keep_mask, to_velocity, use_fast_jvp_ops, zero_init_)
 
 LN_EPS = 1e-6                  # DiT's LayerNorm epsilon
 EDGE_MODES = ("add", "tokens")
@@ -99,8 +99,9 @@ class SiT(nn.Module):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, num_classes: int = 0, edge_channels: int = 0,
                  edge_size: int = 0, edge_mode: str = "add", time_embed: str = "sum",
-                 time_scale: float = 1.0):
+                 time_scale: float = 1.0, prediction: str = "u", x_pred_t_min: float = 0.05):
         super().__init__()
+        self.prediction, self.x_pred_t_min = check_prediction(prediction, x_pred_t_min)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of the patch size "
                              f"{patch_size}")
@@ -199,7 +200,8 @@ class SiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)                                                 # [B, N(+N), D]
         x = self.final_layer(x[:, :n], c)                                   # [B, N, p*p*C]
-        return self.unpatchify(x)                                           # [B, C, H, W]
+        out = self.unpatchify(x)                                            # [B, C, H, W]
+        return to_velocity(out, z, t, self.prediction, self.x_pred_t_min)
 
 
 # --------------------------------------------------------------------------------------------

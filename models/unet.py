@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import jvp_ops as J
-from .layers import (ConditionEmbedder, SpatialSelfAttention, check_inputs, edge_keep_mask,
-                     norm_groups, use_fast_jvp_ops, zero_init_)
+from .layers import (ConditionEmbedder, SpatialSelfAttention, check_inputs, check_prediction,
+                     edge_keep_mask, norm_groups, to_velocity, use_fast_jvp_ops, zero_init_)
 
 EMB_MULT = 4               # conditioning width = 4 x base channels (DDPM/ADM)
 ATTN_HEAD_CHANNELS = 64    # channels per attention head (ADM's num_head_channels)
@@ -158,9 +158,11 @@ class UNet(nn.Module):
                  channel_mults: Sequence[int] = (1, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (8,), dropout: float = 0.1,
                  edge_channels: int = 1, edge_size: int = 256, num_classes: int = 0,
-                 time_embed: str = "sum", time_scale: float = 1.0):
+                 time_embed: str = "sum", time_scale: float = 1.0, prediction: str = "u",
+                 x_pred_t_min: float = 0.05):
         super().__init__()
         levels = len(channel_mults)
+        self.prediction, self.x_pred_t_min = check_prediction(prediction, x_pred_t_min)
         if levels == 0 or any(int(m) < 1 for m in channel_mults):
             raise ValueError(f"channel_mults must be a non-empty list of positive integers, "
                              f"got {list(channel_mults)}")
@@ -252,4 +254,5 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, hs.pop()], dim=1), emb)
             if i < len(self.upsample):
                 h = self.upsample[i](h)                                     # [B, C, 2x, 2x]
-        return self.conv_out(J.silu(self.norm_out(h)))                      # [B, Cin, S, S]
+        out = self.conv_out(J.silu(self.norm_out(h)))                       # [B, Cin, S, S]
+        return to_velocity(out, z, t, self.prediction, self.x_pred_t_min)

@@ -202,10 +202,11 @@ def test_null_condition_differs_from_every_real_one(kind):
 # --------------------------------------------------------------------------------------------
 # Forward-mode AD
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction", ["u", "x"])
 @pytest.mark.parametrize("kind", sorted(TINY))
-def test_jvp_matches_central_finite_differences(kind):
+def test_jvp_matches_central_finite_differences(kind, prediction):
     torch.manual_seed(0)
-    net = TINY[kind]().double().eval()
+    net = TINY[kind](prediction=prediction).double().eval()
     perturb_zero_init_(net, std=0.2)
     z, r, t, edge, label = inputs(net, torch.float64)
     t = t.clamp(max=0.8)                   # room for t + eps, r <= t - eps
@@ -320,3 +321,28 @@ def test_bad_inputs_name_the_culprit():
         tiny_sit(edge_size=10)
     with pytest.raises(ValueError, match="edge_mode"):
         tiny_sit(edge_mode="concat")
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_x_prediction_gives_u_from_a_clean_image(kind):
+    """prediction="x": u = (z - x_hat) / max(t, t_min), with x_hat the "u" network's output,
+    so the 1-step sample e - u(e, 0, 1) is x_hat itself; bad settings are rejected."""
+    torch.manual_seed(0)
+    net_u = TINY[kind]().double().eval()
+    perturb_zero_init_(net_u, std=0.2)
+    net_x = TINY[kind](prediction="x", x_pred_t_min=0.25).double().eval()
+    net_x.load_state_dict(net_u.state_dict())                 # same parameters, same keys
+    z, r, t, edge, label = inputs(net_u, torch.float64)
+    t = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)    # the last one is clamped
+    with torch.no_grad():
+        x_hat = net_u(z, r.clamp(max=0.1), t, edge=edge, label=label)
+        u = net_x(z, r.clamp(max=0.1), t, edge=edge, label=label)
+        want = (z - x_hat) / torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64).view(-1, 1, 1, 1)
+        assert torch.allclose(u, want, atol=1e-12)
+        one = torch.ones(B, dtype=torch.float64)
+        sample = z - net_x(z, 0 * one, one, edge=edge, label=label)
+        assert torch.allclose(sample, net_u(z, 0 * one, one, edge=edge, label=label), atol=1e-12)
+    for bad, match in ((dict(prediction="eps"), "prediction must be one of"),
+                       (dict(prediction="x", x_pred_t_min=0.0), "x_pred_t_min must be in")):
+        with pytest.raises(ValueError, match=match):
+            TINY[kind](**bad)
