@@ -1,6 +1,6 @@
 """End-to-end 1-NFE sampling speed against the network forward alone, and 1 vs 2 vs 4 NFE.
 
-    python bench/sampling.py --ckpt runs/fashion_small [--n 256] [--batch-size 64] [--quick]
+    python bench/sampling.py --ckpt runs/demo/edge_mf [--n 256] [--batch-size 64] [--quick]
 
 End to end = noise from per-sample seeds, network, decode, uint8 conversion and one PNG
 write per image (what evaluate.py does per sample, without metrics). Target: pipeline
@@ -28,7 +28,7 @@ from meanflow.training import load_export, mix_seed  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", default="runs/fashion_small")
+    ap.add_argument("--ckpt", default="runs/demo/edge_mf")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="n = 64")
