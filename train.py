@@ -181,6 +181,13 @@ def main(argv=None) -> int:
               f"processes ({world})", file=sys.stderr)
         return 2
     per_rank = tc.batch_size // world
+    spare = (os.cpu_count() or 1) // world
+    if device.type == "cpu" and torch.get_num_threads() == 1 and spare > 1 and rank == 0:
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset
+        print(f"note: 1 thread per process on a CPU with {spare} cores per process "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); pass "
+              f"`accelerate launch --num_cpu_threads_per_process {spare}` (or set "
+              f"OMP_NUM_THREADS) to use them", flush=True)
 
     # ---- data (metadata read before any worker forks; environments open lazily) ----------
     from meanflow.data import check_compatible
