@@ -229,7 +229,8 @@ def main(argv=None) -> int:
     chan = mcfg.in_channels
     shape = (chan, mcfg.input_size, mcfg.input_size)
     results, grid_cols = [], {}
-    grid_rows = set(spread(sel, min(args.grid_rows, n)))
+    grid_sel = spread(sel, min(args.grid_rows, n))          # grid rows: spread over classes
+    grid_rows = set(grid_sel)
     for steps in steps_list:
         sdir = out / f"steps_{steps}"
         if rank == 0 and not args.no_png:
@@ -279,8 +280,7 @@ def main(argv=None) -> int:
     if rank == 0:
         write_reports(out, results, info, args, n)
         if args.compare_steps:
-            write_grid(out / "grid.png", ds, spread(sel, min(args.grid_rows, n)), grid_cols,
-                       steps_list)
+            write_grid(out / "grid.png", ds, grid_sel, grid_cols, steps_list)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

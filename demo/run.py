@@ -171,7 +171,7 @@ def _tiles_to_png(path: Path, rows: list[list[np.ndarray]]) -> None:
     E.save_png(path, grid.permute(1, 2, 0).numpy())
 
 
-def _sampler(run_dir: Path, dev):
+def _sampler(run_dir: Path, dev, meta: dict):
     import evaluate as E
     from meanflow.codec import make_decoder
     from meanflow.sampling import sample, sample_noise
@@ -180,11 +180,13 @@ def _sampler(run_dir: Path, dev):
     mc = info["model"]
     shape = (mc["in_channels"], mc["input_size"], mc["input_size"])
 
-    def run(seeds: list[int], steps: int, meta: dict, edge=None, label=None) -> np.ndarray:
+    decode = make_decoder(meta, dev)
+
+    def run(seeds: list[int], steps: int, edge=None, label=None) -> np.ndarray:
         noise = sample_noise(shape, seeds, dev)
         with torch.no_grad():
             x = sample(model, noise, steps, edge=edge, label=label)
-        return E.to_uint8(make_decoder(meta, dev)(x))
+        return E.to_uint8(decode(x))
     return run
 
 
@@ -199,8 +201,8 @@ def edge_grid(path: Path, columns: list[tuple[Path, int]], args) -> None:
     idx = E.spread(list(range(len(ds))), GRID_ROWS)
     edge = torch.stack([torch.as_tensor(ds.edge_map(i)) for i in idx]).float().to(dev)
     seeds = [mix_seed(args.seed, i) for i in idx]                # evaluate.py's noise
-    samplers = {rd: _sampler(rd, dev) for rd in {rd for rd, _ in columns}}
-    cols = [samplers[rd](seeds, s, ds.meta, edge=edge) for rd, s in columns]
+    samplers = {rd: _sampler(rd, dev, ds.meta) for rd in {rd for rd, _ in columns}}
+    cols = [samplers[rd](seeds, s, edge=edge) for rd, s in columns]
     rows = []
     for k, i in enumerate(idx):
         e = (edge[k, 0].cpu().numpy() * 255).astype(np.uint8)[..., None]
@@ -215,14 +217,14 @@ def class_grid(path: Path, columns: list[tuple[Path, int]], args) -> list[str]:
     dev = torch.device(args.device or "cpu")
     ds = LMDBDataset(str(Path(args.data) / "test"), use_edges=False, use_labels=True)
     names = list(ds.class_names)
-    samplers = {rd: _sampler(rd, dev) for rd in {rd for rd, _ in columns}}
+    samplers = {rd: _sampler(rd, dev, ds.meta) for rd in {rd for rd, _ in columns}}
     rows = []
     for c in range(len(names)):
         label = torch.full((CLASS_COLS,), c, dtype=torch.long, device=dev)
         seeds = [mix_seed(args.seed, 1_000_003, c, j) for j in range(CLASS_COLS)]
         row = []
         for k, (rd, s) in enumerate(columns):
-            row += ([None] if k else []) + list(samplers[rd](seeds, s, ds.meta, label=label))
+            row += ([None] if k else []) + list(samplers[rd](seeds, s, label=label))
         rows.append(row)
     _tiles_to_png(path, rows)
     return names
@@ -371,29 +373,29 @@ def write_ablation_report(out: Path, runs: Path, res: dict, classes: list[str], 
         ("edge: 1-step edge F1 >= 0.95", f"{mf1['edge_f1']:.3f}", mf1["edge_f1"] >= 0.95),
     ]
     floor_row = dict(steps="", fid=fl["fid"], kid=fl["kid"], n=fl["n"], edge_f1=1.0)
+
+    def section(task: str, title: str, image: str, caption: str) -> list[str]:
+        mf, fm = runs / f"{task}_mf", runs / f"{task}_fm"
+        rows = ([("MeanFlow", r) for r in res[f"{task}_mf"]]
+                + [("flow matching", r) for r in res[f"{task}_fm"]]
+                + [("real train images (floor)", floor_row)])
+        return [f"## {title}", "", f"MeanFlow: {run_summary(mf)}; flow matching: "
+                f"{run_summary(fm)}.", "", *table(rows, edges=task == "edge"), "", image, "",
+                caption, ""]
     lines = ["# MeanFlow vs flow matching at the same wall-clock budget", "",
              f"Hardware: {hardware()}.", *_timing(times, total), "",
              "Each pair differs in one config key (meanflow.ratio_r_neq_t: the MeanFlow value "
              "vs 0, which is flow matching) and trains for the same wall-clock minutes. Every "
              f"FID/KID uses the same N = {n} test samples against their real images.", "",
-             "## Edge -> image (configs/fashion_demo.yaml)", "",
-             f"MeanFlow: {run_summary(runs / 'edge_mf')}; flow matching: "
-             f"{run_summary(runs / 'edge_fm')}.", "",
-             *table([("MeanFlow", r) for r in res["edge_mf"]]
-                    + [("flow matching", r) for r in res["edge_fm"]]
-                    + [("real train images (floor)", floor_row)], edges=True), "",
-             "![edge | real | MF 1, 2, 4 | FM 1, 2, 4, 16](ablation_edge_grid.png)", "",
-             "Columns: edge, real, MeanFlow 1 / 2 / 4 steps, flow matching 1 / 2 / 4 / 16 "
-             "steps.", "",
-             "## Class -> image, no edges (configs/fashion_class.yaml)", "",
-             f"MeanFlow: {run_summary(runs / 'class_mf')}; flow matching: "
-             f"{run_summary(runs / 'class_fm')}.", "",
-             *table([("MeanFlow", r) for r in res["class_mf"]]
-                    + [("flow matching", r) for r in res["class_fm"]]
-                    + [("real train images (floor)", floor_row)], edges=False), "",
-             "![class rows: MF 1 step | FM 1 step | FM 16 steps](ablation_class_grid.png)", "",
-             "Rows: " + ", ".join(classes) + f". Column groups ({CLASS_COLS} each): MeanFlow "
-             "1 step, flow matching 1 step, flow matching 16 steps.", "",
+             *section("edge", "Edge -> image (configs/fashion_demo.yaml)",
+                      "![edge | real | MF 1, 2, 4 | FM 1, 2, 4, 16](ablation_edge_grid.png)",
+                      "Columns: edge, real, MeanFlow 1 / 2 / 4 steps, flow matching "
+                      "1 / 2 / 4 / 16 steps."),
+             *section("class", "Class -> image, no edges (configs/fashion_class.yaml)",
+                      "![class rows: MF 1 step | FM 1 step | FM 16 steps]"
+                      "(ablation_class_grid.png)",
+                      "Rows: " + ", ".join(classes) + f". Column groups ({CLASS_COLS} each): "
+                      "MeanFlow 1 step, flow matching 1 step, flow matching 16 steps."),
              "## Bars", "", "| bar | measured | met |", "|---|---|---|"]
     lines += [f"| {b} | {m} | {'yes' if ok else '**no**'} |" for b, m, ok in bars]
     notes = sum((monotone_note(f"{task} {meth}", list(by[k].values()))
