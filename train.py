@@ -119,7 +119,7 @@ def global_draws(cfg: Config, loss_fn: MeanFlowLoss, at: tuple[int, int], x: tor
     tc = cfg.train
     g = torch.Generator().manual_seed(mix_seed(tc.seed, 3, *at))
     n, lo = x.shape[0], rank * x.shape[0]
-    r, t = sample_times(cfg.meanflow, tc.batch_size, "cpu", g)
+    r, t = sample_times(cfg.meanflow, tc.batch_size, "cpu", g, cfg.meanflow.ratio_at(at[0]))
     noise = torch.randn((tc.batch_size, *x.shape[1:]), generator=g)
     keep = loss_fn.drop_mask(tc.batch_size, "cpu", has_cond, g)
     sl = slice(lo, lo + n)

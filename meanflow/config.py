@@ -46,6 +46,9 @@ class MeanFlowConfig:
     time_sigma: float = _f(1.0, lo=0.0, lo_open=True, doc="logit-normal std")
     ratio_r_neq_t: float = _f(0.25, lo=0.0, hi=1.0,
                               doc="fraction of samples with r != t (0 = plain flow matching)")
+    ratio_warmup_steps: int = _f(0, lo=0,
+                                 doc="the r != t fraction ramps linearly from 0 to ratio_r_neq_t "
+                                     "over these optimizer steps: a flow-matching start")
     adaptive_p: float = _f(1.0, lo=0.0, doc="adaptive loss weight power p (0 = plain L2)")
     adaptive_c: float = _f(1e-3, lo=0.0, lo_open=True, doc="adaptive loss weight constant c")
     cfg_omega: float = _f(1.0, lo=0.0, doc="CFG-in-training scale omega (1 = no guidance)")
@@ -56,6 +59,12 @@ class MeanFlowConfig:
     jvp_mode: str = _f("split", choices=("split", "joint"),
                        doc="split: no-grad JVP on the r != t samples + one forward with graph "
                            "(flow-matching memory); joint: one forward-mode pass with graph")
+
+    def ratio_at(self, step: int) -> float:
+        """The fraction of r != t samples at optimizer step ``step`` (0-based)."""
+        if self.ratio_warmup_steps <= 0 or step >= self.ratio_warmup_steps:
+            return self.ratio_r_neq_t
+        return self.ratio_r_neq_t * step / self.ratio_warmup_steps
 
     def validate(self) -> None:
         if self.cfg_t_min > self.cfg_t_max:

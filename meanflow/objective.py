@@ -68,12 +68,17 @@ def _check_inputs(x: Tensor, edge: Optional[Tensor], label: Optional[Tensor]) ->
 # Time sampling
 # --------------------------------------------------------------------------------------------
 def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "cpu",
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                 generator: torch.Generator | None = None,
+                 ratio: float | None = None) -> tuple[Tensor, Tensor]:
     """Draw (r, t), each [B] in [0, 1] with r <= t (paper Sec. 4.3, Tab. 1c-d).
 
     Two times are drawn from the configured distribution and sorted; then a fraction
-    ``1 - ratio_r_neq_t`` of the batch is set to r = t (the flow-matching boundary case).
+    ``1 - ratio`` of the batch is set to r = t (the flow-matching boundary case).
+    ``ratio`` defaults to ``cfg.ratio_r_neq_t`` (train.py passes ``cfg.ratio_at(step)``).
     """
+    ratio = cfg.ratio_r_neq_t if ratio is None else ratio
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
     shape = (2, batch)
     if cfg.time_dist == "logit_normal":
         n = torch.randn(shape, device=device, generator=generator)
@@ -82,7 +87,7 @@ def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "
         s = torch.rand(shape, device=device, generator=generator)
     t = torch.maximum(s[0], s[1])
     r = torch.minimum(s[0], s[1])
-    n_neq = int(round(cfg.ratio_r_neq_t * batch))
+    n_neq = int(round(ratio * batch))
     # A fixed count rather than a coin per sample: the ratio holds for every batch, and the
     # position of the r != t samples is random by permutation.
     equal = torch.ones(batch, dtype=torch.bool, device=device)

@@ -243,6 +243,18 @@ def test_time_sampler(dist, ratio):
         assert t.median().item() == pytest.approx(1 / (1 + math.exp(-(-0.4 + 0.545))), abs=0.03)
 
 
+def test_ratio_warmup_ramps_from_flow_matching():
+    cfg = MeanFlowConfig(ratio_r_neq_t=0.5, ratio_warmup_steps=100)
+    assert [cfg.ratio_at(s) for s in (0, 50, 100, 10_000)] == [0.0, 0.25, 0.5, 0.5]
+    assert MeanFlowConfig(ratio_r_neq_t=0.5).ratio_at(0) == 0.5          # no warm-up
+    g = torch.Generator().manual_seed(0)
+    for step, want in ((0, 0.0), (50, 0.25), (100, 0.5)):
+        r, t = sample_times(cfg, 1000, generator=g, ratio=cfg.ratio_at(step))
+        assert (r != t).float().mean().item() == pytest.approx(want, abs=1e-3)
+    with pytest.raises(ValueError, match="ratio must lie in"):
+        sample_times(cfg, 10, ratio=1.5)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. Bad input
 # --------------------------------------------------------------------------------------------
