@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=1, help="sampling steps (NFE without CFG)")
     ap.add_argument("--compare-steps", default=None,
                     help="comma-separated step counts, e.g. 1,2,4: all are evaluated and a "
-                         "grid [edge | ground truth | steps...] is written")
+                         "grid [edge | ground truth | steps...] is written. K@T is the K-step "
+                         "grid with its steps below time T merged into one (a diagnostic)")
     ap.add_argument("--num-samples", type=int, default=None,
                     help="number of samples (default: the whole split / category)")
     ap.add_argument("--grid-rows", type=int, default=8, help="rows of the comparison grid")
@@ -156,6 +157,29 @@ def resolve(args, info: dict):
     return ds, spread(idx, n), dcfg, mcfg
 
 
+def parse_steps(spec: str):
+    """'4' -> 4; '16@0.25' -> '16@0.25' (the 16-step grid, steps below t = 0.25 merged)."""
+    try:
+        if "@" in spec:
+            k, tau = spec.split("@")
+            steps_grid(f"{int(k)}@{float(tau)}")
+            return f"{int(k)}@{tau.strip()}"
+        return int(spec)
+    except ValueError as e:
+        raise EvalError(f"--compare-steps: cannot read {spec!r} as K or K@T ({e})") from None
+
+
+def steps_grid(steps, device=None) -> torch.Tensor:
+    """The sampler's time grid for a step count or a 'K@T' spec (see parse_steps)."""
+    from meanflow.sampling import time_grid
+    if isinstance(steps, str):
+        k, tau = steps.split("@")
+        return time_grid(int(k), device, jump_below=float(tau))
+    if steps < 1:
+        return torch.zeros(1)
+    return time_grid(steps, device)
+
+
 def spread(idx: list[int], n: int) -> list[int]:
     """``n`` evenly spaced entries of ``idx`` (all of it when n = len(idx)).
 
@@ -169,10 +193,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_allocator()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    steps_list = ([int(s) for s in args.compare_steps.split(",")] if args.compare_steps
-                  else [args.steps])
     try:
-        if any(s < 1 for s in steps_list):
+        steps_list = ([parse_steps(s) for s in args.compare_steps.split(",")]
+                      if args.compare_steps else [args.steps])
+        if any(steps_grid(s).numel() < 2 for s in steps_list):
             raise EvalError(f"steps must be >= 1, got {steps_list}")
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -245,7 +269,8 @@ def main(argv=None) -> int:
                      if dcfg.use_labels else None)
             noise = sample_noise(shape, [mix_seed(args.seed, i) for i in b], device)
             with torch.no_grad():
-                x = sample(model, noise, steps, edge=edge, label=label, cfg_scale=args.cfg_scale)
+                x = sample(model, noise, edge=edge, label=label, cfg_scale=args.cfg_scale,
+                           times=steps_grid(steps, device))
                 imgs = to_uint8(decode(x))
             for i, img in zip(b, imgs):
                 if not args.no_png:
@@ -264,7 +289,8 @@ def main(argv=None) -> int:
         all_prf = [p for part in gather(prf, world) for p in part]
         all_secs = max(gather(secs, world))
         if rank == 0:
-            row = dict(steps=steps, nfe=steps * (2 if args.cfg_scale != 1.0 else 1), n=n,
+            nfe = (steps_grid(steps).numel() - 1) * (2 if args.cfg_scale != 1.0 else 1)
+            row = dict(steps=steps, nfe=nfe, n=n,
                        seconds_per_image=all_secs * world / n)
             if want_fid:
                 order = sorted(all_feats, key=lambda bf: bf[0][0])

@@ -15,17 +15,31 @@ from torch import Tensor
 Model = Callable[..., Tensor]
 
 
-def time_grid(steps: int, device=None, dtype=torch.float32) -> Tensor:
-    """[steps + 1] times from 1 down to 0 on a uniform grid."""
+def time_grid(steps: int, device=None, dtype=torch.float32, jump_below: float = 0.0) -> Tensor:
+    """[steps + 1] times from 1 down to 0 on a uniform grid.
+
+    ``jump_below`` > 0 merges the grid's steps below that time into one step to 0: e.g.
+    steps = 16, jump_below = 0.25 gives 1, 15/16, ..., 4/16, 0 (13 steps). A diagnostic for
+    where along the path a many-step sampler loses quality.
+    """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+    if not 0.0 <= jump_below < 1.0:
+        raise ValueError(f"jump_below must lie in [0, 1), got {jump_below!r}")
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+    if jump_below > 0.0:
+        grid = torch.cat([grid[grid >= jump_below - 1e-6], grid.new_zeros(1)]).unique_consecutive()
+    return grid
 
 
 @torch.no_grad()
 def sample(model: Model, noise: Tensor, steps: int = 1, *, edge: Optional[Tensor] = None,
-           label: Optional[Tensor] = None, cfg_scale: float = 1.0) -> Tensor:
+           label: Optional[Tensor] = None, cfg_scale: float = 1.0,
+           times: Optional[Tensor] = None) -> Tensor:
     """Integrate from noise (t = 1) to data (t = 0) in ``steps`` network evaluations.
+
+    ``times`` replaces the uniform grid: a decreasing sequence from 1 to 0 (``steps`` is then
+    ignored; see :func:`time_grid` for one with a final jump).
 
     ``cfg_scale`` is inference-time classifier-free guidance, for models trained WITHOUT
     guidance folded in: u = u(null) + s (u(c) - u(null)); it costs a second evaluation per
@@ -38,7 +52,14 @@ def sample(model: Model, noise: Tensor, steps: int = 1, *, edge: Optional[Tensor
     for name, c in (("edge", edge), ("label", label)):
         if c is not None and c.shape[0] != b:
             raise ValueError(f"{name} has batch size {c.shape[0]}, noise has {b}")
-    grid = time_grid(steps, noise.device)
+    if times is None:
+        grid = time_grid(steps, noise.device)
+    else:
+        grid = torch.as_tensor(times, dtype=torch.float32).to(noise.device)
+        if (grid.dim() != 1 or len(grid) < 2 or float(grid[0]) != 1.0 or float(grid[-1]) != 0.0
+                or not bool((grid[1:] < grid[:-1]).all())):
+            raise ValueError(f"times must decrease strictly from 1 to 0, got {grid.tolist()}")
+        steps = len(grid) - 1
     z = noise
     keep_all = torch.ones(b, dtype=torch.bool, device=noise.device)
     drop_all = ~keep_all

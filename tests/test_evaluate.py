@@ -52,11 +52,12 @@ def test_spread_picks_evenly_spaced_samples():
 
 def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
     out = tmp_path / "cmp"
-    res = evaluate(trained, "--compare-steps", "1,2", "--num-samples", "6", "--fid",
+    res = evaluate(trained, "--compare-steps", "1,2,4@0.5", "--num-samples", "6", "--fid",
                    "--out", str(out), "--grid-rows", "3")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["results"]
-    assert [r["steps"] for r in rows] == [1, 2]
+    assert [r["steps"] for r in rows] == [1, 2, "4@0.5"]
+    assert [r["nfe"] for r in rows] == [1, 2, 3]        # 1, 0.75, 0.5, then one jump to 0
     for r in rows:
         assert r["n"] == 6 and r["fid"] > 0 and "kid" in r
         assert 0.0 <= r["edge_f1"] <= 1.0
@@ -67,6 +68,7 @@ def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--steps", "0"], "steps must be >= 1"),
+    (["--compare-steps", "1,4@1.5"], "cannot read '4@1.5' as K or K@T"),
     (["--category", "nope"], "unknown category 'nope'"),
     (["--num-samples", "100000"], "--num-samples 100000: the selection has"),
     (["--split", "val"], "dataset split not found"),

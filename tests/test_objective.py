@@ -297,3 +297,24 @@ def test_sampler_is_deterministic_and_inference_cfg_changes_output():
     c = sample(net, noise, steps=2, edge=edge, cfg_scale=3.0)
     assert not torch.allclose(a, c)
     assert torch.allclose(sample(net, noise, steps=2, edge=edge, cfg_scale=1.0), a)
+
+
+def test_time_grid_with_a_final_jump_and_explicit_times():
+    from meanflow.sampling import time_grid
+    assert time_grid(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    g = time_grid(16, jump_below=0.25)
+    assert len(g) == 14 and g[-2].item() == pytest.approx(0.25) and g[-1].item() == 0.0
+    assert time_grid(4, jump_below=0.5).tolist() == [1.0, 0.75, 0.5, 0.0]
+    net, x, edge = _conv_batch()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        a = sample(net, noise, steps=4, edge=edge)
+        b = sample(net, noise, times=time_grid(4), edge=edge)
+        c = sample(net, noise, times=time_grid(4, jump_below=0.5), edge=edge)
+    assert torch.allclose(a, b)
+    assert not torch.allclose(a, c)
+    for bad in ([1.0, 0.5], [0.9, 0.0], [1.0, 0.6, 0.7, 0.0]):
+        with pytest.raises(ValueError, match="times must decrease strictly from 1 to 0"):
+            sample(net, noise, times=torch.tensor(bad), edge=edge)
+    with pytest.raises(ValueError, match="jump_below must lie in"):
+        time_grid(4, jump_below=1.0)
