@@ -108,10 +108,12 @@ def export_step(run_dir: Path) -> int:
     return json.loads((run_dir / "export" / "model_config.json").read_text())["step"]
 
 
-def evaluate(run_dir: Path, steps: list[int], args, edges: bool, pngs: bool) -> list[dict]:
-    """evaluate.py on the first N test samples; reused when already done for this model."""
+def evaluate(run_dir: Path, steps: list, args, edges: bool, pngs: bool,
+             tag: str = "") -> list[dict]:
+    """evaluate.py on N test samples spread over the split; reused when already done for
+    this model. ``steps`` holds step counts or evaluate.py's 'K@T' specs."""
     n = args.num_samples
-    out = run_dir / "eval" / f"test_n{n}_seed{args.seed}"
+    out = run_dir / "eval" / f"test_n{n}_seed{args.seed}{tag}"
     res_file = out / "results.json"
     if res_file.is_file():
         res = json.loads(res_file.read_text())
@@ -274,13 +276,36 @@ def table(rows: list[tuple[str, dict]], edges: bool) -> list[str]:
     return out
 
 
-def monotone_note(name: str, rows: list[dict]) -> list[str]:
-    fids = [(r["steps"], r["fid"]) for r in rows]
-    worse = [(a, b) for a, b in zip(fids, fids[1:]) if b[1] > a[1]]
-    if not worse:
+def first_rise(rows: list[dict]):
+    """(a, b): the first pair of consecutive step counts where FID rises, or None."""
+    return next(((a["steps"], b["steps"]) for a, b in zip(rows, rows[1:])
+                 if b["fid"] > a["fid"]), None)
+
+
+def probe_spec(rise) -> str:
+    """The b-step grid with its steps below t = 1/a merged into one jump (evaluate.py K@T):
+    fine steps where b's sampler has them, a's single last step near the data."""
+    a, b = rise
+    return f"{b}@{1 / a:g}"
+
+
+def monotone_note(name: str, rows: list[dict], probe: dict | None) -> list[str]:
+    rise = first_rise(rows)
+    if rise is None:
         return []
-    return [f"- {name}: FID rises from {worse[0][0][0]} to {worse[0][1][0]} steps "
-            f"({worse[0][0][1]:.1f} -> {worse[0][1][1]:.1f}): more steps are not better here."]
+    fid = {r["steps"]: r["fid"] for r in rows}
+    a, b = rise
+    out = [f"- {name}: FID rises from {a} to {b} steps ({fid[a]:.1f} -> {fid[b]:.1f}): more "
+           f"steps are not better here."]
+    if probe is not None:
+        tau = 1 / a
+        where = ("the loss comes from the small steps near the data (t < "
+                 f"{tau:g}), where the learned field is least accurate"
+                 if abs(probe["fid"] - fid[a]) < abs(probe["fid"] - fid[b]) else
+                 f"the loss is not (only) near the data: it is already there above t = {tau:g}")
+        out[0] += (f" Measured: the same {b}-step grid with its steps below t = {tau:g} merged "
+                   f"into one ({probe['nfe']} NFE) gives {probe['fid']:.1f}: {where}.")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +340,16 @@ def main(argv=None) -> int:
         t = time.time()
         res[name] = evaluate(runs / name, steps, args, edges=edges, pngs=False)
         times[f"evaluate {name}"] = time.time() - t
+    # Where quality falls as steps grow, measure where along the path it is lost (on the edge
+    # task, the product; each probe is one more N-sample FID).
+    probes = {}
+    for name in ("edge_mf", "edge_fm"):
+        rise = first_rise(res[name])
+        if rise is not None and rise[0] > 1:        # from 1 step there is nothing to merge
+            t = time.time()
+            probes[name] = evaluate(runs / name, [probe_spec(rise)], args,
+                                    edges=name.startswith("edge"), pngs=False, tag="_probe")[0]
+            times[f"probe {name} ({probe_spec(rise)})"] = time.time() - t
     t = time.time()
     res["floor"] = floor(args)
     times["floor (real train vs real test)"] = time.time() - t
@@ -326,7 +361,7 @@ def main(argv=None) -> int:
                          [(runs / "class_mf", 1), (runs / "class_fm", 1), (runs / "class_fm", 16)],
                          args)
     times["grids"] = time.time() - t
-    ok = write_ablation_report(out, runs, res, classes, times, time.time() - t0, args)
+    ok = write_ablation_report(out, runs, res, probes, classes, times, time.time() - t0, args)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {out / 'ablation.md'} "
         f"({'every bar met' if ok else 'some bars NOT met, see the table'})")
     return 0
@@ -356,8 +391,8 @@ def write_demo_report(out: Path, runs: Path, res: dict, classes: list[str], time
     (out / "results.md").write_text("\n".join(lines))
 
 
-def write_ablation_report(out: Path, runs: Path, res: dict, classes: list[str], times: dict,
-                          total: float, args) -> bool:
+def write_ablation_report(out: Path, runs: Path, res: dict, probes: dict, classes: list[str],
+                          times: dict, total: float, args) -> bool:
     n, fl = args.num_samples, res["floor"]
     by = {k: {r["steps"]: r for r in v} for k, v in res.items() if k != "floor"}
     fm_best = min(by["edge_fm"].values(), key=lambda r: r["fid"])
@@ -398,7 +433,7 @@ def write_ablation_report(out: Path, runs: Path, res: dict, classes: list[str], 
                       "MeanFlow 1 step, flow matching 1 step, flow matching 16 steps."),
              "## Bars", "", "| bar | measured | met |", "|---|---|---|"]
     lines += [f"| {b} | {m} | {'yes' if ok else '**no**'} |" for b, m, ok in bars]
-    notes = sum((monotone_note(f"{task} {meth}", list(by[k].values()))
+    notes = sum((monotone_note(f"{task} {meth}", res[k], probes.get(k))
                  for k, task, meth in (("edge_mf", "edge", "MeanFlow"),
                                        ("edge_fm", "edge", "flow matching"),
                                        ("class_mf", "class", "MeanFlow"),
@@ -406,8 +441,8 @@ def write_ablation_report(out: Path, runs: Path, res: dict, classes: list[str], 
     if notes:
         lines += ["", "## Where more steps do worse", "", *notes]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    summary = dict(n=n, floor=fl, results=res, bars=[dict(bar=b, measured=m, met=ok)
-                                                     for b, m, ok in bars], times=times)
+    summary = dict(n=n, floor=fl, results=res, probes=probes,
+                   bars=[dict(bar=b, measured=m, met=ok) for b, m, ok in bars], times=times)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2, default=float))
     return all(ok for _, _, ok in bars)
 

@@ -5,12 +5,15 @@ MeanFlow evaluation instead of redoing them."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from helpers import PY, run, write_idx
 
+ROOT = Path(__file__).resolve().parents[1]
 N = 12                       # test samples per FID (the tiny set has 32)
 ROWS, ZOOM = 8, 3            # demo/run.py's grid rows and tile zoom
 
@@ -36,6 +39,16 @@ def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
     for k, rows in summary["results"].items():
         for r in (rows if k != "floor" else [rows]):
             assert r["n"] == N and np.isfinite(r["fid"]) and r["fid"] > 0, (k, r)
+    # where FID rises with steps (from a > 1 steps), the merged-grid probe was measured at N
+    sys.path.insert(0, str(ROOT / "demo"))
+    import run as demo_run
+    for k, rows in summary["results"].items():
+        rise = demo_run.first_rise(rows) if k.startswith("edge") else None
+        if rise is not None and rise[0] > 1:
+            p = summary["probes"][k]
+            assert p["steps"] == demo_run.probe_spec(rise) and p["n"] == N, (k, p)
+        else:
+            assert k not in summary["probes"], k
     assert all("edge_f1" in r for r in summary["results"]["edge_fm"])
     assert not any("edge_f1" in r for r in summary["results"]["class_fm"])
     assert len(summary["bars"]) == 4 and all(isinstance(b["met"], bool)
@@ -59,3 +72,16 @@ def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
     assert "| MeanFlow | 1 |" in text and "(grid.png)" in text and "(class_grid.png)" in text
     w, h = Image.open(tmp_path / "out" / "grid.png").size
     assert (w, h) == (5 * tile + 2, ROWS * tile + 2)
+
+
+def test_monotone_note_reports_where_quality_is_lost():
+    sys.path.insert(0, str(ROOT / "demo"))
+    import run as demo_run
+    rows = [dict(steps=s, fid=f) for s, f in ((1, 60.0), (2, 46.0), (4, 44.0), (16, 65.0))]
+    assert demo_run.first_rise(rows) == (4, 16)
+    assert demo_run.probe_spec((4, 16)) == "16@0.25" and demo_run.probe_spec((2, 4)) == "4@0.5"
+    assert demo_run.first_rise(rows[:3]) is None and demo_run.monotone_note("x", rows[:3], None) == []
+    near = demo_run.monotone_note("edge FM", rows, dict(fid=47.0, nfe=13))
+    assert "44.0 -> 65.0" in near[0] and "13 NFE" in near[0] and "near the data (t < 0.25)" in near[0]
+    far = demo_run.monotone_note("edge FM", rows, dict(fid=63.0, nfe=13))
+    assert "above t = 0.25" in far[0]
