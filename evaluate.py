@@ -175,8 +175,6 @@ def steps_grid(steps, device=None) -> torch.Tensor:
     if isinstance(steps, str):
         k, tau = steps.split("@")
         return time_grid(int(k), device, jump_below=float(tau))
-    if steps < 1:
-        return torch.zeros(1)
     return time_grid(steps, device)
 
 
@@ -196,8 +194,9 @@ def main(argv=None) -> int:
     try:
         steps_list = ([parse_steps(s) for s in args.compare_steps.split(",")]
                       if args.compare_steps else [args.steps])
-        if any(steps_grid(s).numel() < 2 for s in steps_list):
+        if any(isinstance(s, int) and s < 1 for s in steps_list):
             raise EvalError(f"steps must be >= 1, got {steps_list}")
+        grids = {s: steps_grid(s, device) for s in steps_list}      # one per step spec
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
         model, info = load_export(args.ckpt, device)
@@ -270,7 +269,7 @@ def main(argv=None) -> int:
             noise = sample_noise(shape, [mix_seed(args.seed, i) for i in b], device)
             with torch.no_grad():
                 x = sample(model, noise, edge=edge, label=label, cfg_scale=args.cfg_scale,
-                           times=steps_grid(steps, device))
+                           times=grids[steps])
                 imgs = to_uint8(decode(x))
             for i, img in zip(b, imgs):
                 if not args.no_png:
@@ -289,7 +288,7 @@ def main(argv=None) -> int:
         all_prf = [p for part in gather(prf, world) for p in part]
         all_secs = max(gather(secs, world))
         if rank == 0:
-            nfe = (steps_grid(steps).numel() - 1) * (2 if args.cfg_scale != 1.0 else 1)
+            nfe = (grids[steps].numel() - 1) * (2 if args.cfg_scale != 1.0 else 1)
             row = dict(steps=steps, nfe=nfe, n=n,
                        seconds_per_image=all_secs * world / n)
             if want_fid:

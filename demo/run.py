@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         if rise is not None and rise[0] > 1:        # from 1 step there is nothing to merge
             t = time.time()
             probes[name] = evaluate(runs / name, [probe_spec(rise)], args,
-                                    edges=name.startswith("edge"), pngs=False, tag="_probe")[0]
+                                    edges=True, pngs=False, tag="_probe")[0]
             times[f"probe {name} ({probe_spec(rise)})"] = time.time() - t
     t = time.time()
     res["floor"] = floor(args)
