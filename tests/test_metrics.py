@@ -56,6 +56,10 @@ def test_converted_extractor_matches_torchscript(images, features, weights):
     assert rel_err(features, ref) < REL_TOL
     # different images give clearly different features (the check above is not vacuous)
     assert rel_err(features[0], features[1]) > 0.1
+    # ... and it was the fast network that gave them: every batch norm folded into its conv
+    net = M.load_inception(weights)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert sum(isinstance(m, torch.nn.Conv2d) and m.bias is not None for m in net.modules()) == 94
 
 
 def test_classifier_is_nan(images, weights):
