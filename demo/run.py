@@ -41,6 +41,17 @@ MF_STEPS, FM_STEPS = [1, 2, 4], [1, 2, 4, 16]
 # another N the bar is the same distance above that N's floor.
 EDGE_FID_BAR_ABOVE_FLOOR = 40.0 - 11.9
 GRID_ROWS, CLASS_COLS, TILE_ZOOM = 8, 8, 3
+# Sizing the training budget (demo/run.py plans it once, in runs/.../plan.json):
+EDGE_SHARE = 9 / 13          # of the training minutes: the edge model (the product) gets 9/13
+MIN_MINUTES = dict(edge=2.0, cls=1.0)   # below this nothing is learnt: warn, use these
+TRAIN_OVERHEAD_S = 20        # per run: launch, build, final checkpoint + export (measured ~12)
+# Calibrated on a 2-core CPU (evaluate.py, N = 1,000 at 1, 2, 4 steps: 7.5 min): in the
+# pipeline a sample costs 1.35x the isolated Inception + network timing (PNG, edge F1, data,
+# allocator), SAFETY adds a margin for noisy shared machines; then ~30 s per evaluate.py call
+# (start-up, imports, loading) and ~16 s per step count (FID and KID math).
+SAFETY = 1.4
+EVAL_CALL_S, EVAL_SPEC_S = 30, 16
+GRIDS_S = 30
 
 
 def log(msg: str) -> None:
@@ -53,10 +64,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default="data/fashion", help="cached Fashion-MNIST (train/, test/)")
     ap.add_argument("--runs", default="runs/demo", help="folder for the models and evaluations")
     ap.add_argument("--out", default="demo", help="folder for grids and results tables")
-    ap.add_argument("--edge-minutes", type=float, default=9.0,
-                    help="training budget of each edge -> image model (wall clock)")
-    ap.add_argument("--class-minutes", type=float, default=4.0,
-                    help="training budget of each class-conditional model (wall clock)")
+    ap.add_argument("--edge-minutes", type=float, default=None,
+                    help="training budget of each edge -> image model (wall clock; default: "
+                         "planned from --budget-minutes)")
+    ap.add_argument("--class-minutes", type=float, default=None,
+                    help="training budget of each class-conditional model (wall clock; "
+                         "default: planned from --budget-minutes)")
+    ap.add_argument("--budget-minutes", type=float, default=25.0,
+                    help="the demo's wall-clock target, counted from --started-at: training "
+                         "gets what the measured evaluation leaves (9/13 edge, 4/13 class)")
+    ap.add_argument("--started-at", type=float, default=None,
+                    help="Unix time the budget counts from (make passes its own start, so "
+                         "set-up and caching count); default: now")
     ap.add_argument("--num-samples", type=int, default=1000,
                     help="N test samples per FID (the same N everywhere)")
     ap.add_argument("--nproc", type=int, default=1,
@@ -154,6 +173,142 @@ def floor(args) -> dict:
     real = E.real_statistics(train, E.spread(list(range(len(train))), n), f"train_n{n}_spread",
                              weights, dev)
     return M.fid_kid(real, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Budget: the training minutes are what the demo's measured evaluation leaves of its budget
+# --------------------------------------------------------------------------------------------
+def nfe(spec) -> int:
+    """Network evaluations of a step count or a 'K@T' spec."""
+    import evaluate as E
+    return len(E.steps_grid(spec)) - 1
+
+
+def demo_evaluations() -> list[tuple[str, list]]:
+    return [("edge", MF_STEPS)]
+
+
+def ablation_evaluations() -> list[tuple[str, list]]:
+    """What the ablation evaluates after the demo, the two probes it may run included."""
+    return [("edge", FM_STEPS), ("cls", MF_STEPS), ("cls", FM_STEPS), ("edge", ["16@0.25"]),
+            ("edge", ["4@0.5"])]
+
+
+def eval_seconds(evals: list[tuple[str, list]], n: int, speed: dict,
+                 ref_images: int = 0) -> float:
+    """Estimated wall time of ``evals`` ((task, step specs) per evaluate.py call) at N = n:
+    Inception on every sample and reference image and the network's evaluations (times
+    SAFETY), plus the fixed cost of each call and step count."""
+    images = ref_images + n * sum(len(specs) for _, specs in evals)
+    net = n * sum(speed[f"{task}_nfe_s"] * sum(nfe(s) for s in specs) for task, specs in evals)
+    fixed = EVAL_CALL_S * len(evals) + EVAL_SPEC_S * sum(len(specs) for _, specs in evals)
+    return SAFETY * (images * speed["inception_s"] + net) + fixed
+
+
+def split_training(seconds: float) -> tuple[float, float, bool]:
+    """Training seconds for one edge and one class run -> (edge, class) minutes, and whether
+    they fit (False: the minimums were used instead)."""
+    minutes = (seconds - 2 * TRAIN_OVERHEAD_S) / 60
+    edge, cls = EDGE_SHARE * minutes, (1 - EDGE_SHARE) * minutes
+    fits = edge >= MIN_MINUTES["edge"] and cls >= MIN_MINUTES["cls"]
+    if not fits:
+        edge, cls = MIN_MINUTES["edge"], MIN_MINUTES["cls"]
+    return round(edge, 2), round(cls, 2), fits
+
+
+def measure_speed(args) -> dict:
+    """Measured here and now: seconds per image of the FID Inception (timed on the N test
+    reference images the evaluation needs anyway, or on 64 of them when their statistics are
+    cached) and seconds per image and network evaluation of the two models (untrained, built
+    from their configs, batch 64)."""
+    import evaluate as E
+    import models
+    from meanflow import metrics as M
+    from meanflow.config import load_config
+    from meanflow.data import LMDBDataset
+    dev = torch.device(args.device or "cpu")
+    n, weights = args.num_samples, M.fid_weights_path()
+    test = LMDBDataset(str(Path(args.data) / "test"), use_edges=False, use_labels=False)
+    probe = E.as_rgb(np.stack([test.image(i) for i in range(min(64, len(test)))]))
+    M.inception_features(probe[:8], device=dev, weights=weights)     # load, convert, warm up
+    t = time.perf_counter()
+    E.real_statistics(test, E.spread(list(range(len(test))), n), f"test_n{n}_spread",
+                      weights, dev)
+    secs, images = time.perf_counter() - t, n
+    if secs < 0.01 * n:                                              # it was cached
+        t = time.perf_counter()
+        M.inception_features(probe, device=dev, weights=weights)
+        secs, images = time.perf_counter() - t, len(probe)
+    speed = dict(inception_s=secs / images)
+    for task, name in (("edge", "edge_mf"), ("cls", "class_mf")):
+        cfg = load_config(ROOT / RUNS[name][0])
+        net = models.build(cfg.model).to(dev).eval()
+        b, m = 64, cfg.model
+        z = torch.randn(b, m.in_channels, m.input_size, m.input_size, device=dev)
+        t_ = torch.ones(b, device=dev)
+        kw = (dict(edge=torch.zeros(b, m.edge_channels, m.edge_size, m.edge_size, device=dev))
+              if m.edge_channels else dict(label=torch.zeros(b, dtype=torch.long, device=dev)))
+        with torch.no_grad():
+            net(z, 0 * t_, t_, **kw)                                  # warm-up
+            t = time.perf_counter()
+            for _ in range(3):
+                net(z, 0 * t_, t_, **kw)
+        speed[f"{task}_nfe_s"] = (time.perf_counter() - t) / (3 * b)
+    return speed
+
+
+def plan(args, t_start: float) -> dict:
+    """The training minutes of the edge and class models, decided once per --runs folder.
+
+    Given minutes (--edge-minutes, --class-minutes) are used as they are. Otherwise the demo's
+    evaluation is estimated from speeds measured here, and training gets what is left of
+    --budget-minutes after the time already spent (set-up, caching) and that estimate. The
+    plan is written to <runs>/plan.json and reused by later runs (a resumed demo, the
+    ablation), so every model of a comparison trains for the same minutes."""
+    path = Path(args.runs) / "plan.json"
+    if args.edge_minutes is not None or args.class_minutes is not None:
+        if args.edge_minutes is None or args.class_minutes is None:
+            sys.exit("demo: give both --edge-minutes and --class-minutes, or neither")
+        return dict(edge_minutes=args.edge_minutes, class_minutes=args.class_minutes,
+                    source="given on the command line")
+    if path.is_file():
+        p = json.loads(path.read_text())
+        log(f"training budget from {path}: edge {p['edge_minutes']} min, class "
+            f"{p['class_minutes']} min")
+        return p
+    log("measuring this machine's evaluation speed to size the training budget")
+    speed = measure_speed(args)
+    spent = time.time() - t_start
+    evals = eval_seconds(demo_evaluations(), args.num_samples, speed) + GRIDS_S
+    left = 60 * args.budget_minutes - (time.time() - t_start) - evals
+    edge, cls, fits = split_training(left)
+    p = dict(edge_minutes=edge, class_minutes=cls, fits=fits, budget_minutes=args.budget_minutes,
+             spent_before_training_min=round(spent / 60, 2),
+             demo_eval_estimate_min=round(evals / 60, 2), speed=speed,
+             source=f"planned for a {args.budget_minutes:g}-min demo on this machine")
+    # after the demo: the floor's N train images, the evaluations, flow matching's training
+    ablation = (eval_seconds(ablation_evaluations(), args.num_samples, speed,
+                             ref_images=args.num_samples)
+                + 60 * (edge + cls) + 2 * TRAIN_OVERHEAD_S + GRIDS_S)
+    p["ablation_after_demo_estimate_min"] = round(ablation / 60, 1)
+    log(f"Inception {speed['inception_s']:.3f} s/image, network {1e3 * speed['edge_nfe_s']:.1f} "
+        f"(edge) / {1e3 * speed['cls_nfe_s']:.1f} (class) ms/image/evaluation; evaluation "
+        f"~{evals / 60:.1f} min, {spent / 60:.1f} min spent: training edge {edge} min, class "
+        f"{cls} min")
+    if not fits:
+        log(f"WARNING: this machine's evaluation alone takes ~{evals / 60:.1f} min: with the "
+            f"minimum training the demo will exceed its {args.budget_minutes:g}-min budget")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(p, indent=2))
+    os.replace(tmp, path)
+    return p
+
+
+def run_minutes(run_dir: Path) -> float:
+    """train.max_minutes of a trained (or started) run, from its config.yaml."""
+    from meanflow.config import load_config
+    return load_config(run_dir / "config.yaml").train.max_minutes
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,14 +468,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0, times = time.time(), {}
+    t_start = args.started_at if args.started_at is not None else t0
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(Path(args.data))
-    names = ["edge_mf", "class_mf"] + (["edge_fm", "class_fm"] if args.what == "ablation" else [])
-    for name in names:
-        t = time.time()
-        train(name, args.edge_minutes if name.startswith("edge") else args.class_minutes, args)
-        times[f"train {name}"] = time.time() - t
+    t = time.time()
+    budget = plan(args, t_start)
+    times["plan (measure the evaluation speed)"] = time.time() - t
+    t = time.time()
+    train("edge_mf", budget["edge_minutes"], args)
+    times["train edge_mf"] = time.time() - t
+    t = time.time()
+    train("class_mf", budget["class_minutes"], args)
+    times["train class_mf"] = time.time() - t
+    if args.what == "ablation":
+        for name in ("edge_fm", "class_fm"):        # the same minutes as the MeanFlow model
+            t = time.time()
+            train(name, run_minutes(runs / name.replace("_fm", "_mf")), args)
+            times[f"train {name}"] = time.time() - t
 
     t = time.time()
     res = {"edge_mf": evaluate(runs / "edge_mf", MF_STEPS, args, edges=True,
@@ -331,7 +496,7 @@ def main(argv=None) -> int:
         edge_grid(out / "grid.png", [(runs / "edge_mf", s) for s in MF_STEPS], args)
         classes = class_grid(out / "class_grid.png", [(runs / "class_mf", 1)], args)
         times["grids"] = time.time() - t
-        write_demo_report(out, runs, res, classes, times, time.time() - t0, args)
+        write_demo_report(out, runs, res, classes, times, time.time() - t0, args, budget)
         log(f"done in {(time.time() - t0) / 60:.1f} min: {out / 'results.md'}")
         return 0
 
@@ -361,23 +526,34 @@ def main(argv=None) -> int:
                          [(runs / "class_mf", 1), (runs / "class_fm", 1), (runs / "class_fm", 16)],
                          args)
     times["grids"] = time.time() - t
-    ok = write_ablation_report(out, runs, res, probes, classes, times, time.time() - t0, args)
+    ok = write_ablation_report(out, runs, res, probes, classes, times, time.time() - t0, args,
+                               budget)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {out / 'ablation.md'} "
         f"({'every bar met' if ok else 'some bars NOT met, see the table'})")
     return 0
 
 
-def _timing(times: dict, total: float) -> list[str]:
-    return ([f"Wall time of this command: {total / 60:.1f} min "
+def _timing(times: dict, total: float, args, budget: dict) -> list[str]:
+    lines = [f"Wall time of this command: {total / 60:.1f} min "
              f"(stages reused from an earlier run take ~0)."]
-            + [f"- {k}: {v / 60:.1f} min" for k, v in times.items()])
+    if args.started_at is not None:
+        lines[0] += (f" Since `make` started (set-up and caching included): "
+                     f"{(time.time() - args.started_at) / 60:.1f} min.")
+    p = budget
+    if p:
+        lines.append(f"Training budget: edge {p['edge_minutes']:g} min, class "
+                     f"{p['class_minutes']:g} min per model, {p['source']}"
+                     + (f" (Inception {p['speed']['inception_s']:.3f} s/image measured, "
+                        f"demo evaluation estimated at {p['demo_eval_estimate_min']:.1f} min)"
+                        if "speed" in p else "") + ".")
+    return lines + [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
 
 
 def write_demo_report(out: Path, runs: Path, res: dict, classes: list[str], times: dict,
-                      total: float, args) -> None:
+                      total: float, args, budget: dict) -> None:
     rows = [("MeanFlow", r) for r in res["edge_mf"]]
     lines = ["# Demo: Fashion-MNIST edges -> photos in one step, on a CPU", "",
-             f"Hardware: {hardware()}.", *_timing(times, total), "",
+             f"Hardware: {hardware()}.", *_timing(times, total, args, budget), "",
              f"## Edge -> image (configs/fashion_demo.yaml; {run_summary(runs / 'edge_mf')})",
              "", f"FID/KID against the same N real test images, conditioned on their Canny "
              f"edges; edge F1: Canny of the sample vs the input edges (1-pixel tolerance).", "",
@@ -392,7 +568,7 @@ def write_demo_report(out: Path, runs: Path, res: dict, classes: list[str], time
 
 
 def write_ablation_report(out: Path, runs: Path, res: dict, probes: dict, classes: list[str],
-                          times: dict, total: float, args) -> bool:
+                          times: dict, total: float, args, budget: dict) -> bool:
     n, fl = args.num_samples, res["floor"]
     by = {k: {r["steps"]: r for r in v} for k, v in res.items() if k != "floor"}
     fm_best = min(by["edge_fm"].values(), key=lambda r: r["fid"])
@@ -418,7 +594,7 @@ def write_ablation_report(out: Path, runs: Path, res: dict, probes: dict, classe
                 f"{run_summary(fm)}.", "", *table(rows, edges=task == "edge"), "", image, "",
                 caption, ""]
     lines = ["# MeanFlow vs flow matching at the same wall-clock budget", "",
-             f"Hardware: {hardware()}.", *_timing(times, total), "",
+             f"Hardware: {hardware()}.", *_timing(times, total, args, budget), "",
              "Each pair differs in one config key (meanflow.ratio_r_neq_t: the MeanFlow value "
              "vs 0, which is flow matching) and trains for the same wall-clock minutes. Every "
              f"FID/KID uses the same N = {n} test samples against their real images.", "",
@@ -441,7 +617,7 @@ def write_ablation_report(out: Path, runs: Path, res: dict, probes: dict, classe
     if notes:
         lines += ["", "## Where more steps do worse", "", *notes]
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
-    summary = dict(n=n, floor=fl, results=res, probes=probes,
+    summary = dict(n=n, floor=fl, results=res, probes=probes, budget=budget,
                    bars=[dict(bar=b, measured=m, met=ok) for b, m, ok in bars], times=times)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2, default=float))
     return all(ok for _, _, ok in bars)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import PY, run, write_idx
@@ -18,13 +20,24 @@ N = 12                       # test samples per FID (the tiny set has 32)
 ROWS, ZOOM = 8, 3            # demo/run.py's grid rows and tile zoom
 
 
-def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
-    idx = write_idx(tmp_path / "idx")
+def demo_module():
+    sys.path.insert(0, str(ROOT / "demo"))
+    import run as demo_run
+    return demo_run
+
+
+def tiny_fashion(tmp_path: Path) -> Path:
+    """The tiny Fashion-MNIST-format set (96 train, 32 test images), cached as the demo does."""
     data = tmp_path / "data"
     res = run([PY, "preprocess/cache.py", "--source", "fashion-mnist", "--fashion-root",
-               str(idx), "--output", str(data), "--image-size", "32", "--codec", "pixel",
-               "--edges", "canny"])
+               str(write_idx(tmp_path / "idx")), "--output", str(data), "--image-size", "32",
+               "--codec", "pixel", "--edges", "canny"])
     assert res.returncode == 0, res.stderr[-3000:]
+    return data
+
+
+def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
+    data = tiny_fashion(tmp_path)
     common = ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out",
               str(tmp_path / "out"), "--edge-minutes", "0.03", "--class-minutes", "0.03",
               "--num-samples", str(N)]
@@ -40,8 +53,7 @@ def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
         for r in (rows if k != "floor" else [rows]):
             assert r["n"] == N and np.isfinite(r["fid"]) and r["fid"] > 0, (k, r)
     # where FID rises with steps (from a > 1 steps), the merged-grid probe was measured at N
-    sys.path.insert(0, str(ROOT / "demo"))
-    import run as demo_run
+    demo_run = demo_module()
     for k, rows in summary["results"].items():
         rise = demo_run.first_rise(rows) if k.startswith("edge") else None
         if rise is not None and rise[0] > 1:
@@ -75,8 +87,7 @@ def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
 
 
 def test_monotone_note_reports_where_quality_is_lost():
-    sys.path.insert(0, str(ROOT / "demo"))
-    import run as demo_run
+    demo_run = demo_module()
     rows = [dict(steps=s, fid=f) for s, f in ((1, 60.0), (2, 46.0), (4, 44.0), (16, 65.0))]
     assert demo_run.first_rise(rows) == (4, 16)
     assert demo_run.probe_spec((4, 16)) == "16@0.25" and demo_run.probe_spec((2, 4)) == "4@0.5"
@@ -85,3 +96,60 @@ def test_monotone_note_reports_where_quality_is_lost():
     assert "44.0 -> 65.0" in near[0] and "13 NFE" in near[0] and "near the data (t < 0.25)" in near[0]
     far = demo_run.monotone_note("edge FM", rows, dict(fid=63.0, nfe=13))
     assert "above t = 0.25" in far[0]
+
+
+SPEED = dict(inception_s=0.1, edge_nfe_s=0.003, cls_nfe_s=0.002)
+
+
+def test_budget_plan_gives_training_what_the_evaluation_leaves(tmp_path, monkeypatch, capsys):
+    R = demo_module()
+    n = 1000
+    # the estimate counts every sample's Inception pass and network evaluations, the fixed
+    # cost of each evaluate.py call and step count, and a safety margin
+    est = R.eval_seconds([("edge", [1, 2, 4])], n, SPEED)
+    assert est == pytest.approx(R.SAFETY * (3 * n * 0.1 + n * 0.003 * 7) + R.EVAL_CALL_S
+                                + 3 * R.EVAL_SPEC_S)
+    assert R.nfe("16@0.25") == 13 and R.nfe("4@0.5") == 3 and R.nfe(16) == 16
+    assert R.eval_seconds([("cls", [1])], n, SPEED, ref_images=n) > R.eval_seconds(
+        [("cls", [1])], n, SPEED)
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(R, "measure_speed", lambda args: SPEED)
+    args = R.parse_args(["demo", "--runs", str(runs), "--budget-minutes", "25"])
+    p = R.plan(args, time.time() - 120)              # two minutes of set-up already spent
+    left = 25 * 60 - 120 - est - R.GRIDS_S - 2 * R.TRAIN_OVERHEAD_S
+    assert p["edge_minutes"] + p["class_minutes"] == pytest.approx(left / 60, abs=0.05)
+    assert p["edge_minutes"] / p["class_minutes"] == pytest.approx(9 / 4, rel=0.01)
+    assert p["fits"] and p["ablation_after_demo_estimate_min"] > p["edge_minutes"]
+    assert json.loads((runs / "plan.json").read_text()) == p
+
+    # decided once: a resumed demo or the ablation reuses it, whatever else changed
+    monkeypatch.setattr(R, "measure_speed", lambda args: pytest.fail("measured again"))
+    again = R.plan(R.parse_args(["ablation", "--runs", str(runs), "--budget-minutes", "5"]),
+                   time.time())
+    assert again == p
+    # given minutes win (both or neither)
+    given = R.plan(R.parse_args(["demo", "--runs", str(runs), "--edge-minutes", "3",
+                                 "--class-minutes", "1"]), time.time())
+    assert (given["edge_minutes"], given["class_minutes"]) == (3, 1)
+    with pytest.raises(SystemExit, match="both"):
+        R.plan(R.parse_args(["demo", "--runs", str(runs), "--edge-minutes", "3"]), time.time())
+
+    # a machine too slow for the budget: the minimum training, and a warning that says so
+    monkeypatch.setattr(R, "measure_speed", lambda args: dict(SPEED, inception_s=1.0))
+    slow = R.plan(R.parse_args(["demo", "--runs", str(tmp_path / "slow")]), time.time())
+    assert not slow["fits"]
+    assert (slow["edge_minutes"], slow["class_minutes"]) == (R.MIN_MINUTES["edge"],
+                                                             R.MIN_MINUTES["cls"])
+    assert "WARNING" in capsys.readouterr().out
+
+
+def test_measure_speed_times_the_reference_statistics_it_needs(tmp_path, monkeypatch):
+    R = demo_module()
+    data = tiny_fashion(tmp_path)
+    monkeypatch.setenv("MEANFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    speed = R.measure_speed(R.parse_args(["demo", "--data", str(data), "--num-samples", str(N)]))
+    assert set(speed) == {"inception_s", "edge_nfe_s", "cls_nfe_s"}
+    assert all(np.isfinite(v) and 0 < v < 10 for v in speed.values()), speed
+    # the N test reference images were the timed work, and are cached for the evaluation
+    assert len(list((data / "test" / "fid_ref").glob(f"*-n{N}-*.npz"))) == 1
