@@ -144,12 +144,12 @@ def test_budget_plan_gives_training_what_the_evaluation_leaves(tmp_path, monkeyp
     assert "WARNING" in capsys.readouterr().out
 
 
-def test_measure_speed_times_the_reference_statistics_it_needs(tmp_path, monkeypatch):
+def test_measure_speed_and_the_reference_statistics(tmp_path, monkeypatch):
     R = demo_module()
     data = tiny_fashion(tmp_path)
     monkeypatch.setenv("MEANFLOW_CACHE_DIR", str(tmp_path / "cache"))
     speed = R.measure_speed(R.parse_args(["demo", "--data", str(data), "--num-samples", str(N)]))
     assert set(speed) == {"inception_s", "edge_nfe_s", "cls_nfe_s"}
     assert all(np.isfinite(v) and 0 < v < 10 for v in speed.values()), speed
-    # the N test reference images were the timed work, and are cached for the evaluation
+    # the N test reference images are done (and cached for the evaluation) before training
     assert len(list((data / "test" / "fid_ref").glob(f"*-n{N}-*.npz"))) == 1
