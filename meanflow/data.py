@@ -194,8 +194,15 @@ class LMDBDataset(torch.utils.data.Dataset):
         key = self._bkeys[i]
         entry = _ENVS.get(self._env_key)          # fast path: open in this very process
         env = entry[1] if entry is not None and entry[0] == os.getpid() else get_env(self.path)
-        with env.begin() as txn:
-            buf = txn.get(key)
+        try:
+            with env.begin() as txn:
+                buf = txn.get(key)
+        except lmdb.MapResizedError:
+            # Another process wrote past this reader's map (e.g. a second cache.py run on a
+            # finished split while a training run reads it): adopt the new size, read again.
+            env.set_mapsize(0)
+            with env.begin() as txn:
+                buf = txn.get(key)
         if buf is None:
             raise RecordError(f"dataset {self.path}: key {self.keys[i]!r} is listed in "
                               f"{META_KEY} but missing")

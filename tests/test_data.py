@@ -389,6 +389,30 @@ def test_fashion_idx_keys_labels_and_channels(fashion, idx_dir, tmp_path):
     ds.close()
 
 
+def test_reader_survives_a_writer_growing_the_map(fashion, tmp_path):
+    """A process that opens a cached split for writing with a larger map (a second cache.py
+    run, say) must not crash readers already open on it (a training run's DataLoader workers
+    died of MDB_MAP_RESIZED): the reader adopts the new size and reads on."""
+    import shutil
+    split = tmp_path / "train"
+    shutil.copytree(fashion / "train", split)
+    ds = LMDBDataset(str(split))
+    first = ds.record(0)
+    from meanflow.data import get_env
+    mapped = get_env(str(split)).info()["map_size"]
+    # the writer's pages land beyond what this reader has mapped
+    grow = ("import lmdb, sys; env = lmdb.open(sys.argv[1], map_size=1 << 30, subdir=True); "
+            "txn = env.begin(write=True); txn.put(b'__probe__', bytes(int(sys.argv[2]))); "
+            "txn.commit()")
+    res = subprocess.run([sys.executable, "-c", grow, str(split), str(mapped + (1 << 20))],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    again = ds.record(0)
+    assert set(again) == set(first) and all(np.array_equal(first[k], again[k]) for k in first)
+    assert get_env(str(split)).info()["map_size"] > mapped
+    assert ds.record(len(ds) - 1)
+
+
 def test_dataloader_workers_and_distributed_sampler(fashion):
     ds = LMDBDataset(fashion / "train")
     _ = ds[0]                    # the parent has the environment open before workers fork
