@@ -31,7 +31,8 @@ $(FASHION_DIR)/train-images-idx3-ubyte.gz:
 	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist)"; exit 1; fi
 
-data/fashion/train/data.mdb: setup $(FASHION_DIR)/train-images-idx3-ubyte.gz
+# (on the venv's stamp file, not the phony `setup`: that would re-run the cache every time)
+data/fashion/train/data.mdb: $(VENV)/.installed $(FASHION_DIR)/train-images-idx3-ubyte.gz
 	$(PY) preprocess/cache.py --source fashion-mnist --output data/fashion --image-size 32 \
 		--codec pixel --edges canny
 
