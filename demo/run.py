@@ -286,7 +286,7 @@ def plan(args, t_start: float) -> dict:
     speed = measure_speed(args)
     spent = time.time() - t_start
     evals = eval_seconds(demo_evaluations(), args.num_samples, speed) + GRIDS_S
-    left = 60 * args.budget_minutes - (time.time() - t_start) - evals
+    left = 60 * args.budget_minutes - spent - evals
     edge, cls, fits = split_training(left)
     p = dict(edge_minutes=edge, class_minutes=cls, fits=fits, budget_minutes=args.budget_minutes,
              spent_before_training_min=round(spent / 60, 2),
