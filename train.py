@@ -32,7 +32,7 @@ from meanflow.objective import MeanFlowLoss, sample_times  # noqa: E402
 from meanflow.runtime import tune_cpu_allocator  # noqa: E402
 from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, SeededItems,  # noqa: E402
                                ShardedEpochSampler, ckpt_name, export_model, list_checkpoints,
-                               lr_at, mix_seed, prune_checkpoints)
+                               load_ema, lr_at, mix_seed, prune_checkpoints, save_ema)
 
 # Test aids (the test suite uses them to inject faults at known points):
 NAN_ENV = "MEANFLOW_INJECT_NAN_STEPS"    # comma-separated optimizer steps whose loss is NaN
@@ -227,7 +227,6 @@ def main(argv=None) -> int:
                             weight_decay=tc.weight_decay)
     ema = EMA(model, tc.ema_decays)
     model, opt = accelerator.prepare(model, opt)
-    accelerator.register_for_checkpointing(ema)
     loss_fn = MeanFlowLoss(cfg.meanflow)
 
     # ---- resume ---------------------------------------------------------------------------
@@ -240,6 +239,11 @@ def main(argv=None) -> int:
                 print(f"error: {path} is not a complete checkpoint", file=sys.stderr)
                 return 2
             accelerator.load_state(str(path))
+            try:
+                load_ema(path, ema)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             marker = (path / COMPLETE).read_text().split()
             step = int(marker[0])
             trained_s = float(marker[1]) if len(marker) > 1 else 0.0
@@ -292,14 +296,18 @@ def main(argv=None) -> int:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # the EMAs in safetensors (resume), and the EMA export, so that every checkpoint
+            # can be evaluated (evaluate.py --ckpt RUN/checkpoints/step_XXXXXXX)
+            save_ema(tmp, ema)
+            ema_net = _ema_model()
+            export_model(tmp / EXPORT_DIR, ema_net, cfg, data.meta, at, tc.ema_decays[0])
             (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
             if final.exists():
                 import shutil
                 shutil.rmtree(final)
             os.replace(tmp, final)                       # atomic: never half-written
             prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-            export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
-                         tc.ema_decays[0])
+            export_model(run_dir / EXPORT_DIR, ema_net, cfg, data.meta, at, tc.ema_decays[0])
         accelerator.wait_for_everyone()
 
     def _ema_model():

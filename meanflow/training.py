@@ -20,6 +20,8 @@ CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
 EXPORT_DIR = "export"
 EXPORT_CONFIG = "model_config.json"
+EMA_FILE = "ema.safetensors"   # every EMA of a checkpoint, for resume
+LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"   # what accelerate's register_for_checkpointing wrote
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,10 @@ class SeededItems(torch.utils.data.Dataset):
 class EMA:
     """Exponential moving averages of a model's floating-point parameters, one per decay.
 
-    Registered with ``accelerator.register_for_checkpointing`` (state_dict/load_state_dict).
+    Saved in a checkpoint as safetensors (``save_ema``/``load_ema``), not through
+    ``accelerator.register_for_checkpointing``: accelerate pickles registered objects and
+    unpickles them with ``weights_only=False``, i.e. resuming from a checkpoint someone sent
+    would run any code it holds.
     Updated on every rank (the parameters are identical after the all-reduce), so no rank
     drifts and no collective is needed.
     """
@@ -134,9 +139,46 @@ class EMA:
         return {f"{i}.{n}": t for i, s in enumerate(self.shadows) for n, t in s.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        want = set(self.state_dict())
+        if set(state) != want:
+            missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+            raise ValueError(f"EMA state does not match {len(self.decays)} decay(s) of this "
+                             f"model: missing {missing[:3]}, unexpected {extra[:3]}")
         for i, s in enumerate(self.shadows):
             for n in s:
+                if state[f"{i}.{n}"].shape != s[n].shape:
+                    raise ValueError(f"EMA state {i}.{n}: shape {tuple(state[f'{i}.{n}'].shape)}"
+                                     f", the model has {tuple(s[n].shape)}")
                 s[n].copy_(state[f"{i}.{n}"])
+
+
+def save_ema(ckpt: Path, ema: EMA) -> None:
+    """Write every EMA of ``ema`` to ``ckpt/ema.safetensors`` (tmp + rename)."""
+    tmp = ckpt / (EMA_FILE + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+              str(tmp), metadata={"decays": json.dumps(ema.decays)})
+    os.replace(tmp, ckpt / EMA_FILE)
+
+
+def load_ema(ckpt: Path, ema: EMA) -> None:
+    """Load the EMAs of checkpoint ``ckpt`` into ``ema``. Checkpoints written before the
+    safetensors file hold them in accelerate's pickle, read here with ``weights_only=True``
+    (plain tensors only; anything else is refused)."""
+    f, legacy = ckpt / EMA_FILE, ckpt / LEGACY_EMA_FILE
+    src = f if f.is_file() else legacy if legacy.is_file() else None
+    if src is None:
+        raise FileNotFoundError(f"{ckpt}: no {EMA_FILE} (the checkpoint's EMA weights)")
+    try:
+        state = (load_file(str(src)) if src == f else
+                 torch.load(src, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - unreadable, or a pickle that is not plain tensors
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{src}: cannot load the EMA weights ({type(e).__name__}: "
+                         f"{first})") from None
+    try:
+        ema.load_state_dict(state)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

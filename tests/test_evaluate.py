@@ -43,6 +43,16 @@ def test_samples_do_not_depend_on_the_process_count(trained, tmp_path):
     assert len(cats) >= 5, sorted(outs[0])
 
 
+def test_a_checkpoint_evaluates_like_the_export_of_its_step(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "step_0000003"          # the last step: same EMA weights
+    pngs = []
+    for src, out in ((trained, tmp_path / "run"), (ckpt, tmp_path / "ckpt")):
+        res = evaluate(src, "--num-samples", "4", "--out", str(out), "--no-edge-f1")
+        assert res.returncode == 0, res.stderr[-3000:]
+        pngs.append({p.name: p.read_bytes() for p in (out / "steps_1").glob("*.png")})
+    assert len(pngs[0]) == 4 and pngs[0] == pngs[1]
+
+
 def test_spread_picks_evenly_spaced_samples():
     from evaluate import spread
     assert spread(list(range(10)), 3) == [0, 3, 6]

@@ -59,7 +59,13 @@ def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
     rd = tmp_path / "run"
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
     assert ckpts == ["step_0000003", "step_0000006"]          # keep_checkpoints = 2
-    assert (rd / "checkpoints" / "step_0000006" / "COMPLETE").is_file()
+    last = rd / "checkpoints" / "step_0000006"
+    assert (last / "COMPLETE").is_file()
+    # the EMAs in safetensors, not accelerate's pickle; and an export of its own, equal to the
+    # run's export at the same step
+    assert (last / "ema.safetensors").is_file() and not list(last.glob("custom_checkpoint_*"))
+    assert load_file(str(last / "export" / "model.safetensors")).keys() == \
+        final_weights(rd).keys()
     assert (rd / "config.yaml").is_file()
     info = (rd / "export" / "model_config.json").read_text()
     assert '"step": 6' in info and '"codec": "pixel"' in info

@@ -1,11 +1,15 @@
-"""Small pieces of the training machinery: EMA warm-up, LR schedule, data order."""
+"""Small pieces of the training machinery: EMA warm-up and checkpoint file, LR schedule,
+data order."""
 from __future__ import annotations
 
 import itertools
+import os
 
+import pytest
 import torch
 
-from meanflow.training import EMA, ShardedEpochSampler, lr_at
+from meanflow.training import (EMA, EMA_FILE, LEGACY_EMA_FILE, ShardedEpochSampler, load_ema,
+                               lr_at, save_ema)
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -19,6 +23,54 @@ def test_ema_decay_warms_up_then_holds():
     assert torch.allclose(ema.shadows[0]["weight"], torch.full((2, 2), 0.9))
     ema.update(net, 10_000)                 # warm-up over: 0.999
     assert torch.allclose(ema.shadows[0]["weight"], torch.full((2, 2), 0.9 + 0.1 * 0.001))
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a hostile checkpoint could hold."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_ema_checkpoint_file_round_trips_and_never_unpickles_code(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA(net, [0.9, 0.5])
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    ema.update(net, 100)
+    save_ema(tmp_path, ema)
+    assert (tmp_path / EMA_FILE).is_file() and not list(tmp_path.glob("*.tmp"))
+    back = EMA(net, [0.9, 0.5])
+    load_ema(tmp_path, back)
+    for a, b in zip(ema.shadows, back.shadows):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a checkpoint written by accelerate's register_for_checkpointing (pickled tensors)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(ema.state_dict(), legacy / LEGACY_EMA_FILE)
+    old = EMA(net, [0.9, 0.5])
+    load_ema(legacy, old)
+    assert torch.equal(old.shadows[1]["1.weight"], ema.shadows[1]["1.weight"])
+
+    # ... but one whose pickle carries code is refused, and the code does not run
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    torch.save({"0.0.weight": _Payload(tmp_path / "pwned")}, hostile / LEGACY_EMA_FILE)
+    with pytest.raises(ValueError, match=f"{LEGACY_EMA_FILE}: cannot load the EMA weights"):
+        load_ema(hostile, EMA(net, [0.9, 0.5]))
+    assert not (tmp_path / "pwned").exists()
+
+    # a config with other EMA decays than the checkpoint: the file and the keys are named
+    with pytest.raises(ValueError, match=rf"{EMA_FILE}: EMA state does not match 1 decay"):
+        load_ema(tmp_path, EMA(net, [0.9]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{empty}: no {EMA_FILE}"):
+        load_ema(empty, EMA(net, [0.9]))
 
 
 def test_lr_schedule():
