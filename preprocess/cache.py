@@ -41,7 +41,8 @@ from PIL import Image  # noqa: E402
 from preprocess.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
                               EdgeConfigError, EdgeDetector, build_detector, looks_like_path)
 from preprocess.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
-                                FORMAT_VERSION, META_KEY, RESERVED_PREFIX, encode_meta,
+                                FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
+                                encode_meta,
                                 encode_record, key_category, key_part)
 from preprocess.sources import (Item, Source, SourceError, open_sources,  # noqa: E402
                                 prepare_image)
@@ -354,6 +355,30 @@ def write_txn(env: lmdb.Environment, fn: Callable[[lmdb.Transaction], Any]) -> A
             env.set_mapsize(0)
 
 
+def finished_split(path: Path, settings: dict[str, Any], src: Source,
+                   limit: Optional[int]) -> Optional[dict]:
+    """The metadata of ``path`` if it already holds every record of ``src``, made with
+    ``settings`` and with no failure to retry; else None. Looked at read-only: a rerun on a
+    finished split writes nothing (opening it for writing would also grow its map under
+    readers such as a training run's DataLoader workers)."""
+    if not (path / "data.mdb").is_file():
+        return None
+    env = lmdb.open(str(path), readonly=True, subdir=True, max_readers=256)
+    try:
+        with env.begin() as txn:
+            stored, raw = txn.get(SETTINGS_KEY.encode()), txn.get(META_KEY.encode())
+            if stored is None or raw is None or json.loads(stored) != json.loads(
+                    json.dumps(settings, sort_keys=True)):
+                return None
+            meta = decode_meta(raw, str(path))
+    finally:
+        env.close()
+    done = (meta.get("complete") and meta.get("num_failed") == 0
+            and (meta.get("source") or {}).get("limit") == limit
+            and set(meta.get("keys", ())) == {it.key for it in src.items})
+    return meta if done else None
+
+
 def existing_sample_keys(env: lmdb.Environment) -> set[str]:
     with env.begin() as txn:
         return {k.decode() for k in txn.cursor().iternext(keys=True, values=False)
@@ -641,7 +666,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                + (args.image_size ** 2 * args.channels)
                                + (args.edge_size ** 2 if detector is not None else 0))
                for s in sources]
-        for s, st in zip(sources, settings):          # refuse a mismatched rerun up front
+        finished = [finished_split(args.output / s.split, st, s, args.limit)
+                    for s, st in zip(sources, settings)]
+        for s, st, done in zip(sources, settings, finished):   # refuse a mismatched rerun
+            if done is not None:                                 # up front
+                continue
             env = open_writer(args.output / s.split, MIN_MAP_SIZE)
             try:
                 ensure_settings(env, st, args.output / s.split)
@@ -659,10 +688,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     dist = _init_dist(rank, world)
-    finished = False
+    ok = False
     try:
-        for i, (src, st, nbytes) in enumerate(zip(sources, settings, est)):
+        for i, (src, st, nbytes, done) in enumerate(zip(sources, settings, est, finished)):
             out = args.output / src.split
+            if done is not None:
+                if dist is None or rank == 0:
+                    print(f"{src.split}: {done['num_records']} records in {out}: complete, "
+                          f"nothing to do", flush=True)
+                continue
             map_size = args.map_size or max(MIN_MAP_SIZE, int(nbytes * MAP_SIZE_SLACK))
             env = open_writer(out, map_size)
             try:
@@ -684,13 +718,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                           f"failed {total.failed}; report {out / REPORT}){state}", flush=True)
             finally:
                 env.close()
-        finished = True
+        ok = True
     finally:
         if pool is not None:
             pool.close()
             pool.join()
         if dist is not None:
-            if finished:               # after a failure the other ranks may never get here
+            if ok:               # after a failure the other ranks may never get here
                 dist.barrier()
             dist.destroy_process_group()
     return 0

@@ -468,6 +468,16 @@ def test_killed_run_resumes_without_duplicates(tmp_path, idx_dir):
     env.close()
     res = cache(*args)
     assert "written 4, already present 36, failed 0" in res.stdout
+    # once complete, a rerun only looks (read-only): nothing is written, the map stays
+    db = out / "train" / "data.mdb"
+    before = (db.stat().st_mtime_ns, db.stat().st_size)
+    res = cache(*args)
+    assert res.returncode == 0, res.stderr
+    assert "train: 40 records in" in res.stdout and "complete, nothing to do" in res.stdout
+    assert (db.stat().st_mtime_ns, db.stat().st_size) == before
+    # ... but other settings are still refused, naming the setting
+    res = cache(*args[:-2], "--batch-size", "8", "--edges", "none")
+    assert res.returncode == 2 and "other settings" in res.stderr, res.stderr
     ds = LMDBDataset(out / "train", flip=False)
     assert len(ds) == 40 and len(set(ds.keys)) == 40
     assert ds.keys == sorted(sample_keys(out / "train"))
