@@ -666,11 +666,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                + (args.image_size ** 2 * args.channels)
                                + (args.edge_size ** 2 if detector is not None else 0))
                for s in sources]
-        finished = [finished_split(args.output / s.split, st, s, args.limit)
-                    for s, st in zip(sources, settings)]
-        for s, st, done in zip(sources, settings, finished):   # refuse a mismatched rerun
-            if done is not None:                                 # up front
+        done_splits = [finished_split(args.output / s.split, st, s, args.limit)
+                       for s, st in zip(sources, settings)]
+        for s, st, done in zip(sources, settings, done_splits):
+            if done is not None:
                 continue
+            # refuse a mismatched rerun up front
             env = open_writer(args.output / s.split, MIN_MAP_SIZE)
             try:
                 ensure_settings(env, st, args.output / s.split)
@@ -690,7 +691,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dist = _init_dist(rank, world)
     ok = False
     try:
-        for i, (src, st, nbytes, done) in enumerate(zip(sources, settings, est, finished)):
+        for i, (src, st, nbytes, done) in enumerate(zip(sources, settings, est, done_splits)):
             out = args.output / src.split
             if done is not None:
                 if dist is None or rank == 0:
@@ -724,7 +725,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             pool.close()
             pool.join()
         if dist is not None:
-            if ok:               # after a failure the other ranks may never get here
+            if ok:                     # after a failure the other ranks may never get here
                 dist.barrier()
             dist.destroy_process_group()
     return 0
