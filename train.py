@@ -31,8 +31,9 @@ from meanflow.config import Config, ConfigError, load_config, save_config, to_di
 from meanflow.objective import MeanFlowLoss, sample_times  # noqa: E402
 from meanflow.runtime import tune_cpu_allocator  # noqa: E402
 from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, SeededItems,  # noqa: E402
-                               ShardedEpochSampler, ckpt_name, export_model, list_checkpoints,
-                               load_ema, lr_at, mix_seed, prune_checkpoints, save_ema)
+                               ShardedEpochSampler, ckpt_name, export_config, export_model,
+                               list_checkpoints, load_ema, lr_at, mix_seed,
+                               prune_checkpoints, save_ema)
 
 # Test aids (the test suite uses them to inject faults at known points):
 NAN_ENV = "MEANFLOW_INJECT_NAN_STEPS"    # comma-separated optimizer steps whose loss is NaN
@@ -296,18 +297,18 @@ def main(argv=None) -> int:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            # the EMAs in safetensors (resume), and the EMA export, so that every checkpoint
-            # can be evaluated (evaluate.py --ckpt RUN/checkpoints/step_XXXXXXX)
+            # the EMAs in safetensors, and the export's config: evaluate.py takes a checkpoint
+            # as it takes an export (its weights: the first EMA)
             save_ema(tmp, ema)
-            ema_net = _ema_model()
-            export_model(tmp / EXPORT_DIR, ema_net, cfg, data.meta, at, tc.ema_decays[0])
+            export_config(tmp, cfg, data.meta, at, tc.ema_decays[0])
             (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
             if final.exists():
                 import shutil
                 shutil.rmtree(final)
             os.replace(tmp, final)                       # atomic: never half-written
             prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-            export_model(run_dir / EXPORT_DIR, ema_net, cfg, data.meta, at, tc.ema_decays[0])
+            export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
+                         tc.ema_decays[0])
         accelerator.wait_for_everyone()
 
     def _ema_model():

@@ -210,6 +210,19 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Inference export: safetensors weights + JSON config (nothing pickled)
 # --------------------------------------------------------------------------------------------
+def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
+                  ema_decay: Optional[float]) -> None:
+    """Write ``model_config.json`` (model, objective and data settings, the dataset's
+    metadata, step, EMA decay) atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
+                data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
+                ema_decay=ema_decay, format_version=1)
+    tmp = out_dir / (EXPORT_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, out_dir / EXPORT_CONFIG)
+
+
 def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
                  ema_decay: Optional[float]) -> None:
     """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename)."""
@@ -217,27 +230,25 @@ def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dic
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_w = out_dir / "model.safetensors.tmp"
     save_file(state, str(tmp_w), metadata={"step": str(step)})
-    info = dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
-                data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
-                ema_decay=ema_decay, format_version=1)
-    tmp_c = out_dir / (EXPORT_CONFIG + ".tmp")
-    tmp_c.write_text(json.dumps(info, indent=2, default=str))
     os.replace(tmp_w, out_dir / "model.safetensors")
-    os.replace(tmp_c, out_dir / EXPORT_CONFIG)
+    export_config(out_dir, cfg, dataset_meta, step, ema_decay)
 
 
 def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
-    """Build the backbone from an export folder (or a run folder containing ``export/``)."""
+    """Build the backbone from an export folder, a run folder containing ``export/``, or a
+    checkpoint (``RUN/checkpoints/step_XXXXXXX``: its first EMA, from ``ema.safetensors``)."""
     import models
 
     p = Path(path)
     if (p / EXPORT_DIR / EXPORT_CONFIG).is_file():
         p = p / EXPORT_DIR
-    cfg_file, w_file = p / EXPORT_CONFIG, p / "model.safetensors"
+    checkpoint = (p / COMPLETE).is_file() and (p / EMA_FILE).is_file()
+    cfg_file, w_file = p / EXPORT_CONFIG, p / (EMA_FILE if checkpoint else "model.safetensors")
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected an export folder written by "
-                                    f"train.py (model.safetensors + {EXPORT_CONFIG})")
+                                    f"train.py (model.safetensors + {EXPORT_CONFIG}) or a "
+                                    f"checkpoint ({EMA_FILE} + {EXPORT_CONFIG})")
     try:
         info = json.loads(cfg_file.read_text())
         mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
@@ -248,6 +259,8 @@ def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
         state = load_file(str(w_file))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{w_file}: cannot read safetensors weights: {e}") from None
+    if checkpoint:              # EMA keys are "<index>.<parameter>"; the export is EMA 0
+        state = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{w_file} does not match the model in {cfg_file}: missing "

@@ -61,11 +61,15 @@ def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
     assert ckpts == ["step_0000003", "step_0000006"]          # keep_checkpoints = 2
     last = rd / "checkpoints" / "step_0000006"
     assert (last / "COMPLETE").is_file()
-    # the EMAs in safetensors, not accelerate's pickle; and an export of its own, equal to the
-    # run's export at the same step
+    # the EMAs in safetensors, not accelerate's pickle; the first one is the run's export at
+    # the same step (what evaluate.py reads from a checkpoint)
     assert (last / "ema.safetensors").is_file() and not list(last.glob("custom_checkpoint_*"))
-    assert load_file(str(last / "export" / "model.safetensors")).keys() == \
-        final_weights(rd).keys()
+    from meanflow.training import load_export
+    net, info = load_export(last)
+    assert info["step"] == 6
+    export = final_weights(rd)
+    assert net.state_dict().keys() == export.keys()
+    assert all(torch.equal(v, export[k]) for k, v in net.state_dict().items())
     assert (rd / "config.yaml").is_file()
     info = (rd / "export" / "model_config.json").read_text()
     assert '"step": 6' in info and '"codec": "pixel"' in info
