@@ -108,6 +108,7 @@ class EMA:
     ``accelerator.register_for_checkpointing``: accelerate pickles registered objects and
     unpickles them with ``weights_only=False``, i.e. resuming from a checkpoint someone sent
     would run any code it holds.
+
     Updated on every rank (the parameters are identical after the all-reduce), so no rank
     drifts and no collective is needed.
     """
