@@ -56,6 +56,12 @@ class MeanFlowConfig:
     cfg_t_min: float = _f(0.0, lo=0.0, hi=1.0, doc="guidance only for t >= cfg_t_min")
     cfg_t_max: float = _f(1.0, lo=0.0, hi=1.0, doc="guidance only for t <= cfg_t_max")
     cond_drop_prob: float = _f(0.1, lo=0.0, hi=1.0, doc="condition dropout probability")
+    tangent: str = _f("sample", choices=("sample", "model"),
+                      doc="z-tangent of the JVP: sample = the training velocity e - x (the "
+                          "MeanFlow paper); model = the network's own no-grad estimate "
+                          "u(z_t, t, t) of the marginal velocity (improved MeanFlow, "
+                          "Geng et al. 2025b): lower-variance target, one more no-grad "
+                          "forward on the r != t samples")
     jvp_mode: str = _f("split", choices=("split", "joint"),
                        doc="split: no-grad JVP on the r != t samples + one forward with graph "
                            "(flow-matching memory); joint: one forward-mode pass with graph")

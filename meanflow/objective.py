@@ -115,13 +115,26 @@ def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
     return u, (torch.zeros_like(u) if dudt is None else dudt)   # None: u ignores z and t
 
 
+def _select(cond: dict, idx: Tensor) -> dict:
+    return {k: (c[idx] if isinstance(c, Tensor) else c) for k, c in cond.items()}
+
+
 def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
-                    jvp_mode: str = "split", **cond) -> tuple[Tensor, Tensor]:
+                    jvp_mode: str = "split", tangent: str = "sample",
+                    **cond) -> tuple[Tensor, Tensor]:
     """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
 
-    du/dt is the JVP of ``model`` along the tangent (v, 0, 1) of (z, r, t). ``v`` is the
-    velocity the target is built from (e - x, or its guided version); the same ``v`` is the
-    tangent. Returns (u, u_tgt) in float32 (float64 if the inputs are).
+    du/dt is the JVP of ``model`` along the tangent (w, 0, 1) of (z, r, t). ``v`` is the
+    velocity the target is built from (e - x, or its guided version). Returns (u, u_tgt) in
+    float32 (float64 if the inputs are).
+
+    tangent (the z-direction w of the JVP):
+      "sample" (default, the MeanFlow paper): w = v, the conditional velocity of this sample.
+      "model" (improved MeanFlow, Geng et al. 2025b): w = u_theta(z, t, t), the network's own
+          no-grad estimate of the marginal velocity E[v | z_t]. du/dt is linear in w, so both
+          give the same target in expectation once u(z, t, t) has learned E[v | z_t] (which
+          the r = t samples train); "model" drops the noise of e - x from the JVP term.
+          Costs one no-grad forward on the r != t samples.
 
     jvp_mode:
       "split" (default): the JVP runs without a graph (``no_grad``), on the samples with
@@ -135,22 +148,29 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
           mask for u and its derivative, but autograd also records the tangent computation,
           which costs time and memory (about 2x the activations).
     """
+    if jvp_mode not in ("split", "joint"):
+        raise ValueError(f"jvp_mode must be 'split' or 'joint', got {jvp_mode!r}")
+    if tangent not in ("sample", "model"):
+        raise ValueError(f"tangent must be 'sample' or 'model', got {tangent!r}")
     out_dtype = torch.promote_types(z.dtype, torch.float32)
     h = _bcast(t - r, z).to(out_dtype)
     neq = t != r
-    if jvp_mode == "joint" and bool(neq.any()):
-        u, dudt = _jvp(model, z, r, t, v, cond)
+    idx = torch.nonzero(neq).squeeze(1)
+    w = v
+    if tangent == "model" and idx.numel() > 0:
+        # Only the r != t samples need it: on r = t the JVP term is multiplied by zero.
+        w = v.clone()
+        with torch.no_grad():
+            w[idx] = unwrap(model)(z[idx], t[idx], t[idx], **_select(cond, idx)).to(v.dtype)
+    if jvp_mode == "joint" and idx.numel() > 0:
+        u, dudt = _jvp(model, z, r, t, w, cond)
         u = u.to(out_dtype)
         return u, (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
-    if jvp_mode not in ("split", "joint"):
-        raise ValueError(f"jvp_mode must be 'split' or 'joint', got {jvp_mode!r}")
 
     dudt = torch.zeros(z.shape, dtype=out_dtype, device=z.device)
-    if bool(neq.any()):  # on the boundary r = t the JVP term is multiplied by zero: skip it
-        idx = torch.nonzero(neq).squeeze(1)
-        sub = {k: (c[idx] if isinstance(c, Tensor) else c) for k, c in cond.items()}
+    if idx.numel() > 0:  # on the boundary r = t the JVP term is multiplied by zero: skip it
         with torch.no_grad():
-            _, d = _jvp(unwrap(model), z[idx], r[idx], t[idx], v[idx], sub)
+            _, d = _jvp(unwrap(model), z[idx], r[idx], t[idx], w[idx], _select(cond, idx))
         dudt[idx] = d.to(out_dtype)
     u = model(z, r, t, **cond).to(out_dtype)
     return u, (v.to(out_dtype) - h * dudt).detach()
@@ -250,7 +270,8 @@ class MeanFlowLoss:
         v = noise - x                                                      # Eq. 2
         cond = dict(edge=edge, label=label, keep=keep)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
-        u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, **cond)  # Eq. 10
+        u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, cfg.tangent,  # Eq. 10
+                                   **cond)
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2

@@ -73,8 +73,9 @@ def _times(b, gen, dtype=torch.float64):
 # --------------------------------------------------------------------------------------------
 # 1. JVP against finite differences
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tangent", ["sample", "model"])
 @pytest.mark.parametrize("jvp_mode", ["split", "joint"])
-def test_jvp_matches_central_finite_differences(jvp_mode):
+def test_jvp_matches_central_finite_differences(jvp_mode, tangent):
     torch.manual_seed(0)
     net = TinyConvNet(in_channels=2, ch=16, edge_channels=1, num_classes=3).double().eval()
     b = 3
@@ -84,13 +85,14 @@ def test_jvp_matches_central_finite_differences(jvp_mode):
     cond = dict(edge=torch.rand(b, 1, 8, 8, dtype=torch.float64), label=torch.tensor([0, 2, 1]),
                 keep=torch.tensor([True, False, True]))
     r[1] = t[1]                     # one boundary sample: its JVP term must vanish
-    u, u_tgt = meanflow_target(net, z, r, t, v, jvp_mode, **cond)
+    u, u_tgt = meanflow_target(net, z, r, t, v, jvp_mode, tangent, **cond)
     assert torch.equal(u_tgt[1], v[1])
     keep_idx = [0, 2]
     dudt = ((v - u_tgt) / (t - r)[:, None, None, None])[keep_idx]
     eps = 1e-6
-    with torch.no_grad():
-        fd = (net(z + eps * v, r, t + eps, **cond) - net(z - eps * v, r, t - eps, **cond)) / (2 * eps)
+    with torch.no_grad():   # the z-direction: v itself, or the network's u(z, t, t)
+        w = v if tangent == "sample" else net(z, t, t, **cond)
+        fd = (net(z + eps * w, r, t + eps, **cond) - net(z - eps * w, r, t - eps, **cond)) / (2 * eps)
     fd = fd[keep_idx]
     rel = (dudt - fd).norm() / fd.norm()
     assert rel < 1e-6, rel
@@ -138,6 +140,31 @@ def test_per_sample_velocity_target_averages_to_u():
         assert u_tgt.std(0).max() > 1e-3      # the individual targets are noisy, the mean is not
 
 
+def test_model_tangent_target_averages_to_u_and_its_jvp_term_ignores_the_sample():
+    """tangent="model" (improved MeanFlow): with the exact u, u(z, t, t) is the marginal
+    velocity, so the target is still unbiased, and u_tgt - (e - x) is the same for every
+    pair (x, e) sharing z_t: the JVP term carries none of the sample's noise (with
+    tangent="sample" it does)."""
+    g = _gauss()
+    gen = torch.Generator().manual_seed(4)
+    n = 40_000
+    for (r0, t0) in [(0.2, 0.7), (0.0, 1.0 - 1e-3)]:
+        z0 = torch.tensor([[0.3, -1.0, 0.8]], dtype=torch.float64)
+        x = g.posterior(z0, t0, n, gen)
+        e = (z0 - (1 - t0) * x) / t0
+        z = z0.expand(n, 3)
+        r = torch.full((n,), r0, dtype=torch.float64)
+        t = torch.full((n,), t0, dtype=torch.float64)
+        u, u_tgt = meanflow_target(g.u, z, r, t, e - x, tangent="model")
+        se = u_tgt.std(0) / math.sqrt(n)
+        assert ((u_tgt.mean(0) - u[0]).abs() < 5 * se + 1e-9).all(), (r0, t0)
+        assert (u_tgt - (e - x)).std(0).max() < 1e-12
+        _, u_tgt_s = meanflow_target(g.u, z, r, t, e - x, tangent="sample")
+        assert (u_tgt_s - (e - x)).std(0).max() > 1e-2
+    with pytest.raises(ValueError, match="tangent"):
+        meanflow_target(g.u, z, r, t, e - x, tangent="data")
+
+
 def test_point_mass_data_per_sample_target_is_exact():
     g = GaussianFlow(torch.tensor([0.7, -1.2], dtype=torch.float64),
                      torch.zeros(2, dtype=torch.float64))
@@ -147,8 +174,9 @@ def test_point_mass_data_per_sample_target_is_exact():
     e = torch.randn(b, 2, generator=gen, dtype=torch.float64)
     x = g.m.expand(b, 2)
     z = (1 - t[:, None]) * x + t[:, None] * e
-    u, u_tgt = meanflow_target(g.u, z, r, t, e - x)
-    assert (u_tgt - u).abs().max() < 1e-10
+    for tangent in ("sample", "model"):
+        u, u_tgt = meanflow_target(g.u, z, r, t, e - x, tangent=tangent)
+        assert (u_tgt - u).abs().max() < 1e-10, tangent
 
 
 def test_one_step_sampler_on_true_u_reproduces_the_data_distribution():
