@@ -4,12 +4,19 @@
     python evaluate.py --ckpt runs/afhq_unet --split test --compare-steps 1,2,4 --num-samples 20
     python evaluate.py --ckpt runs/afhq_unet --category cat --out results/cat
     python evaluate.py --ckpt runs/afhq_unet --split test --ref      # reference statistics only
+    python evaluate.py --ckpt runs/afhq_unet/checkpoints --num-samples 1000 --fid   # learning curve
 
 Every sample's noise comes from (seed, sample index) and samples are processed in fixed
 global batches, so the images are byte-identical whatever the number of processes; ranks take
 every world-th batch. The N samples are spread evenly over the split (or category), so
 they cover every class; the reference for FID/KID is the real images of the same samples,
 and its statistics are cached next to the dataset.
+
+Several --ckpt (or a run's checkpoints/ folder, which stands for all its complete
+checkpoints) give a learning curve: each model is evaluated on the same samples into
+OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step. A model
+whose results there already cover the requested steps is read back, not sampled again, so a
+killed curve resumes.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -40,7 +48,10 @@ class EvalError(ValueError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="run folder (with export/) or export folder")
+    ap.add_argument("--ckpt", required=True, nargs="+",
+                    help="run folder (with export/), export folder or checkpoint "
+                         "(RUN/checkpoints/step_N); several, or a checkpoints/ folder, give a "
+                         "learning curve")
     ap.add_argument("--data", default=None, help="LMDB folder to condition on (default: the "
                     "training data's sibling folder named --split)")
     ap.add_argument("--split", default="test", help="split folder next to the training data")
@@ -53,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=None,
                     help="number of samples (default: the whole split / category)")
     ap.add_argument("--grid-rows", type=int, default=8, help="rows of the comparison grid")
-    ap.add_argument("--out", default=None, help="output folder (default <ckpt>/eval/<split>)")
+    ap.add_argument("--out", default=None, help="output folder (default <ckpt>/eval/<split>; "
+                    "for a curve RUN/eval/<split>_curve)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch of one forward")
     ap.add_argument("--cfg-scale", type=float, default=1.0,
@@ -187,6 +199,50 @@ def spread(idx: list[int], n: int) -> list[int]:
     return [idx[(k * len(idx)) // n] for k in range(n)]
 
 
+def expand_ckpts(paths: list[str]) -> list[Path]:
+    """Each --ckpt as given, except a folder of checkpoints (RUN/checkpoints), which stands for
+    its complete checkpoints, oldest first. Repeats are dropped."""
+    from meanflow.training import list_checkpoints
+    out: list[Path] = []
+    for p in map(Path, paths):
+        found = [c for _, c in list_checkpoints(p)]
+        for c in found or [p]:
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def curve_layout(args, ckpts: list[Path]) -> tuple[Optional[Path], list[str]]:
+    """(default output folder, one subfolder name per model) of a learning curve."""
+    parents = {c.resolve().parent for c in ckpts}
+    default = None
+    if len(parents) == 1 and ckpts[0].resolve().parent.name == "checkpoints":
+        default = ckpts[0].resolve().parent.parent / "eval" / (
+            args.split + (f"_{args.category}" if args.category else "") + "_curve")
+    names = [safe_name(c.resolve().name) for c in ckpts]
+    if len(set(names)) < len(names):
+        names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
+    return default, names
+
+
+def reusable(res_file: Path, ckpt: Path, info: dict, args, n: int, steps_list: list,
+             want_fid: bool) -> Optional[list[dict]]:
+    """The rows of an earlier evaluation of this model with these settings, if it covers
+    ``steps_list`` (and has FID when it is asked for); else None."""
+    try:
+        res = json.loads(res_file.read_text())
+        meta, rows = res["meta"], {r["steps"]: r for r in res["results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = (meta.get("ckpt") == str(ckpt) and meta.get("step") == info.get("step")
+            and meta.get("n") == n and meta.get("seed") == args.seed
+            and meta.get("cfg_scale") == args.cfg_scale and meta.get("split") == args.split
+            and meta.get("category") == args.category)
+    if not same or any(s not in rows or (want_fid and "fid" not in rows[s]) for s in steps_list):
+        return None
+    return [rows[s] for s in steps_list]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_allocator()
@@ -199,22 +255,28 @@ def main(argv=None) -> int:
         grids = {s: steps_grid(s, device) for s in steps_list}      # one per step spec
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model, info = load_export(args.ckpt, device)
+        ckpts = expand_ckpts(args.ckpt)
+        curve = len(ckpts) > 1 or ckpts != [Path(c) for c in args.ckpt]  # several, or a folder
+        model, info = load_export(ckpts[0], device)
         ds, sel, dcfg, mcfg = resolve(args, info)
+        if curve:
+            default_out, names = curve_layout(args, ckpts)
+            if args.out is None and default_out is None:
+                raise EvalError("several --ckpt outside one checkpoints/ folder: pass --out")
+            out = Path(args.out) if args.out else default_out
+        else:
+            out = Path(args.out) if args.out else ckpts[0] / "eval" / (
+                args.split + (f"_{args.category}" if args.category else ""))
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world = init_dist(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    out = Path(args.out) if args.out else Path(args.ckpt) / "eval" / (
-        args.split + (f"_{args.category}" if args.category else ""))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     from meanflow import metrics as M
-    from meanflow.codec import make_decoder
-    decode = make_decoder(ds.meta, device)
     n = len(sel)
     tag = f"{args.split}{'_' + args.category if args.category else ''}_n{n}_spread"
     want_fid = args.fid or args.ref
@@ -229,6 +291,69 @@ def main(argv=None) -> int:
                 dist.barrier()
                 dist.destroy_process_group()
             return 0
+    ctx = dict(ds=ds, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list, grids=grids,
+               ref_stats=ref_stats, weights=weights, want_fid=want_fid, rank=rank,
+               world=world, device=device)
+    if not curve:
+        results = evaluate_model(model, info, out, args, ctx)
+        if rank == 0:
+            write_reports(out, str(ckpts[0]), results, info, args, n)
+    else:
+        rows = []
+        for i, (ckpt, name) in enumerate(zip(ckpts, names)):
+            if i > 0:
+                try:
+                    model, info = load_export(ckpt, device)
+                    check_same_task(info, dcfg, ds.meta, ckpt)
+                except (EvalError, FileNotFoundError, ValueError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+            sub = out / name
+            done = reusable(sub / "results.json", ckpt, info, args, n, steps_list, want_fid)
+            if done is not None:
+                print0(rank, f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
+                results = done
+            else:
+                print0(rank, f"{ckpt} (step {info.get('step')}): {i + 1} of {len(ckpts)}")
+                if rank == 0:
+                    sub.mkdir(parents=True, exist_ok=True)
+                results = evaluate_model(model, info, sub, args, ctx)
+                if rank == 0:
+                    write_reports(sub, str(ckpt), results, info, args, n)
+            rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
+            del model
+        if rank == 0:
+            write_curve(out, rows, args, n)
+            print(f"learning curve of {len(rows)} models: {out / 'curve.md'}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> None:
+    """A curve's models must condition on the same inputs as its first one and fit the data."""
+    from meanflow.data import check_compatible
+    d: DataConfig = from_dict(info["data"], cls=DataConfig)
+    m: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    if (d.use_edges, d.use_labels) != (dcfg.use_edges, dcfg.use_labels):
+        raise EvalError(f"{ckpt}: conditions on edges={d.use_edges}, labels={d.use_labels}; the "
+                        f"first model on edges={dcfg.use_edges}, labels={dcfg.use_labels}")
+    try:
+        check_compatible(meta, d, m)
+    except ValueError as e:
+        raise EvalError(f"{ckpt}: {e}") from None
+
+
+def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
+    """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows."""
+    from meanflow import metrics as M
+    from meanflow.codec import make_decoder
+    ds, sel, dcfg, mcfg = ctx["ds"], ctx["sel"], ctx["dcfg"], ctx["mcfg"]
+    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
+    steps_list, grids, want_fid = ctx["steps_list"], ctx["grids"], ctx["want_fid"]
+    decode = make_decoder(ds.meta, device)
+    n = len(sel)
     edge_f1 = (not args.no_edge_f1) and dcfg.use_edges and ds.meta.get("edges") not in (None, "none")
     if edge_f1:
         from preprocess.edges import detector_from_meta
@@ -249,8 +374,7 @@ def main(argv=None) -> int:
     # fixed global batches; rank r takes batches r, r + world, ...
     batches = [sel[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
     mine = batches[rank::world]
-    chan = mcfg.in_channels
-    shape = (chan, mcfg.input_size, mcfg.input_size)
+    shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     results, grid_cols = [], {}
     grid_sel = spread(sel, min(args.grid_rows, n))          # grid rows: spread over classes
     grid_rows = set(grid_sel)
@@ -278,7 +402,7 @@ def main(argv=None) -> int:
                     grid_cols.setdefault(i, {})[steps] = img
             if want_fid:
                 feats.append((b, M.inception_features(as_rgb(imgs), device=device,
-                                                      weights=weights)))
+                                                      weights=ctx["weights"])))
             if edge_f1:
                 ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
                 pred_edges = detector(imgs, ref_edges.shape[-2:])
@@ -294,26 +418,20 @@ def main(argv=None) -> int:
             if want_fid:
                 order = sorted(all_feats, key=lambda bf: bf[0][0])
                 f = np.concatenate([bf[1] for bf in order])
-                row.update(M.fid_kid(f, ref_stats))
+                row.update(M.fid_kid(f, ctx["ref_stats"]))
             if edge_f1:
                 w = sum(len(b) for b, _ in all_prf)
                 for k in ("precision", "recall", "f1"):
                     row[f"edge_{k}"] = sum(p[k] * len(b) for b, p in all_prf) / w
             results.append(row)
             print(json.dumps(row), flush=True)
-
-    if rank == 0:
-        write_reports(out, results, info, args, n)
-        if args.compare_steps:
-            write_grid(out / "grid.png", ds, grid_sel, grid_cols, steps_list)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    if rank == 0 and args.compare_steps:
+        write_grid(out / "grid.png", ds, grid_sel, grid_cols, steps_list)
+    return results
 
 
-def write_reports(out: Path, results: list[dict], info: dict, args, n: int) -> None:
-    meta = dict(ckpt=str(args.ckpt), step=info.get("step"), split=args.split,
+def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n: int) -> None:
+    meta = dict(ckpt=str(ckpt), step=info.get("step"), split=args.split,
                 category=args.category, seed=args.seed, cfg_scale=args.cfg_scale, n=n)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     cols = [("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
@@ -328,10 +446,36 @@ def write_reports(out: Path, results: list[dict], info: dict, args, n: int) -> N
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     (out / "results.md").write_text(
-        f"Checkpoint {args.ckpt} (step {info.get('step')}), split {args.split}"
+        f"Checkpoint {ckpt} (step {info.get('step')}), split {args.split}"
         f"{', category ' + args.category if args.category else ''}, N = {n}, seed "
         f"{args.seed}. FID/KID reference: the real images of the same N samples.\n\n"
         + "\n".join(lines) + "\n")
+
+
+def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
+    """curve.json and curve.md: FID (KID, edge F1) of every model by training step."""
+    (out / "curve.json").write_text(json.dumps(dict(
+        meta=dict(split=args.split, category=args.category, seed=args.seed,
+                  cfg_scale=args.cfg_scale, n=n), models=rows), indent=2))
+    steps = [r["steps"] for r in rows[0]["results"]]
+    metrics = [(k, h) for k, h in (("fid", "FID"), ("kid", "KID"), ("edge_f1", "edge F1"))
+               if any(k in r for m in rows for r in m["results"])]
+    head = ["training step"] + [f"{h} {s} step{'s' if s != 1 else ''}"
+                                for k, h in metrics for s in steps] + ["checkpoint"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in rows:
+        by = {r["steps"]: r for r in m["results"]}
+        cells = [str(m["step"])]
+        for k, _ in metrics:
+            for s in steps:
+                v = by[s].get(k)
+                cells.append("" if v is None else f"{v:.4g}")
+        lines.append("| " + " | ".join(cells + [m["ckpt"]]) + " |")
+    (out / "curve.md").write_text(
+        f"Learning curve: split {args.split}"
+        f"{', category ' + args.category if args.category else ''}, N = {n} (the same "
+        f"samples for every model), seed {args.seed}. FID/KID reference: the real images of "
+        f"the same N samples.\n\n" + "\n".join(lines) + "\n")
 
 
 def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:

@@ -15,7 +15,8 @@ from test_train import train, write_cfg
 def trained(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     data = make_pixel_dataset(tmp)
-    res = train(write_cfg(tmp, data), tmp / "run", "train.max_steps=3")
+    res = train(write_cfg(tmp, data), tmp / "run", "train.max_steps=3", "train.ckpt_every=1",
+                "train.keep_checkpoints=3")
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "run"
 
@@ -51,6 +52,38 @@ def test_a_checkpoint_evaluates_like_the_export_of_its_step(trained, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         pngs.append({p.name: p.read_bytes() for p in (out / "steps_1").glob("*.png")})
     assert len(pngs[0]) == 4 and pngs[0] == pngs[1]
+
+
+def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_path):
+    out = tmp_path / "curve"
+    common = ["--num-samples", "6", "--compare-steps", "1,2", "--fid", "--no-png"]
+    res = evaluate(trained / "checkpoints", *common, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    curve = json.loads((out / "curve.json").read_text())
+    assert [m["step"] for m in curve["models"]] == [1, 2, 3]
+    fids = [[r["fid"] for r in m["results"]] for m in curve["models"]]
+    assert len({f[0] for f in fids}) == 3                   # three different models
+    # each point is what a one-model evaluation of that checkpoint gives
+    single = tmp_path / "single"
+    res = evaluate(trained / "checkpoints" / "step_0000002", *common, "--out", str(single))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((single / "results.json").read_text())["results"]
+    assert [r["fid"] for r in rows] == fids[1]
+    assert [r["edge_f1"] for r in rows] == [r["edge_f1"] for r in curve["models"][1]["results"]]
+    md = (out / "curve.md").read_text()
+    assert "N = 6" in md and "| FID 1 step | FID 2 steps |" in md and "\n| 3 | " in md
+    # a killed curve resumes: finished models are read back, the missing one is sampled
+    (out / "step_0000002" / "results.json").unlink()
+    res = evaluate(trained / "checkpoints", *common, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("reusing") == 2 and "step_0000002 (step 2): 2 of 3" in res.stdout
+    again = json.loads((out / "curve.json").read_text())
+    assert [[r["fid"] for r in m["results"]] for m in again["models"]] == fids
+
+
+def test_a_curve_of_models_from_different_runs_needs_out(trained):
+    res = evaluate(trained, str(trained / "checkpoints" / "step_0000001"))
+    assert res.returncode == 2 and "pass --out" in res.stderr, res.stderr[-2000:]
 
 
 def test_spread_picks_evenly_spaced_samples():
