@@ -225,10 +225,10 @@ def curve_layout(args, ckpts: list[Path]) -> tuple[Optional[Path], list[str]]:
     return default, names
 
 
-def reusable(res_file: Path, ckpt: Path, info: dict, args, n: int, steps_list: list,
-             want_fid: bool) -> Optional[list[dict]]:
-    """The rows of an earlier evaluation of this model with these settings, if it covers
-    ``steps_list`` (and has FID when it is asked for); else None."""
+def reusable(res_file: Path, ckpt: Path, info: dict, args, data: str, n: int,
+             steps_list: list, need: list[str], weights) -> Optional[list[dict]]:
+    """The rows of an earlier evaluation of this model with these settings (data, N, seed,
+    guidance, FID weights), if it covers ``steps_list`` with the metrics ``need``."""
     try:
         res = json.loads(res_file.read_text())
         meta, rows = res["meta"], {r["steps"]: r for r in res["results"]}
@@ -237,8 +237,9 @@ def reusable(res_file: Path, ckpt: Path, info: dict, args, n: int, steps_list: l
     same = (meta.get("ckpt") == str(ckpt) and meta.get("step") == info.get("step")
             and meta.get("n") == n and meta.get("seed") == args.seed
             and meta.get("cfg_scale") == args.cfg_scale and meta.get("split") == args.split
-            and meta.get("category") == args.category)
-    if not same or any(s not in rows or (want_fid and "fid" not in rows[s]) for s in steps_list):
+            and meta.get("category") == args.category and meta.get("data") == data
+            and ("fid" not in need or meta.get("fid_weights") == str(weights)))
+    if not same or any(s not in rows or any(k not in rows[s] for k in need) for s in steps_list):
         return None
     return [rows[s] for s in steps_list]
 
@@ -291,13 +292,16 @@ def main(argv=None) -> int:
                 dist.barrier()
                 dist.destroy_process_group()
             return 0
+    edge_f1 = ((not args.no_edge_f1) and dcfg.use_edges
+               and ds.meta.get("edges") not in (None, "none"))
     ctx = dict(ds=ds, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list, grids=grids,
-               ref_stats=ref_stats, weights=weights, want_fid=want_fid, rank=rank,
-               world=world, device=device)
+               ref_stats=ref_stats, weights=weights, want_fid=want_fid, edge_f1=edge_f1,
+               rank=rank, world=world, device=device)
+    data = str(Path(ds.path).resolve())
     if not curve:
         results = evaluate_model(model, info, out, args, ctx)
         if rank == 0:
-            write_reports(out, str(ckpts[0]), results, info, args, n)
+            write_reports(out, str(ckpts[0]), results, info, args, n, data, weights)
     else:
         rows = []
         for i, (ckpt, name) in enumerate(zip(ckpts, names)):
@@ -309,7 +313,9 @@ def main(argv=None) -> int:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
             sub = out / name
-            done = reusable(sub / "results.json", ckpt, info, args, n, steps_list, want_fid)
+            need = ["fid"] * want_fid + ["edge_f1"] * edge_f1
+            done = reusable(sub / "results.json", ckpt, info, args, data, n, steps_list, need,
+                            weights)
             if done is not None:
                 print0(rank, f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
                 results = done
@@ -319,7 +325,7 @@ def main(argv=None) -> int:
                     sub.mkdir(parents=True, exist_ok=True)
                 results = evaluate_model(model, info, sub, args, ctx)
                 if rank == 0:
-                    write_reports(sub, str(ckpt), results, info, args, n)
+                    write_reports(sub, str(ckpt), results, info, args, n, data, weights)
             rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
             del model
         if rank == 0:
@@ -354,7 +360,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     steps_list, grids, want_fid = ctx["steps_list"], ctx["grids"], ctx["want_fid"]
     decode = make_decoder(ds.meta, device)
     n = len(sel)
-    edge_f1 = (not args.no_edge_f1) and dcfg.use_edges and ds.meta.get("edges") not in (None, "none")
+    edge_f1 = ctx["edge_f1"]
     if edge_f1:
         from preprocess.edges import detector_from_meta
         det = detector_from_meta(ds.meta, str(device))
@@ -430,8 +436,10 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     return results
 
 
-def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n: int) -> None:
-    meta = dict(ckpt=str(ckpt), step=info.get("step"), split=args.split,
+def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n: int,
+                  data: str, weights) -> None:
+    meta = dict(ckpt=str(ckpt), step=info.get("step"), split=args.split, data=data,
+                fid_weights=None if weights is None else str(weights),
                 category=args.category, seed=args.seed, cfg_scale=args.cfg_scale, n=n)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     cols = [("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),

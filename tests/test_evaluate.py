@@ -2,6 +2,7 @@
 edge alignment reported with N; bad input rejected before sampling."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -79,6 +80,21 @@ def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_p
     assert res.stdout.count("reusing") == 2 and "step_0000002 (step 2): 2 of 3" in res.stdout
     again = json.loads((out / "curve.json").read_text())
     assert [[r["fid"] for r in m["results"]] for m in again["models"]] == fids
+    # read back only with the same settings and metrics
+    from evaluate import reusable
+    res_file = out / "step_0000003" / "results.json"
+    meta = json.loads(res_file.read_text())["meta"]
+    ck, info = trained / "checkpoints" / "step_0000003", {"step": 3}
+    same = dict(seed=0, cfg_scale=1.0, split="test", category=None)
+
+    def reuse(n=6, steps=(1, 2), need=("fid", "edge_f1"), data=meta["data"],
+              weights=meta["fid_weights"], **kw):
+        a = argparse.Namespace(**{**same, **kw})
+        return reusable(res_file, ck, info, a, data, n, list(steps), list(need), weights)
+    assert [r["fid"] for r in reuse()] == fids[2]
+    for other in (dict(n=7), dict(steps=(1, 4)), dict(need=("fid", "kid_x")), dict(seed=1),
+                  dict(cfg_scale=2.0), dict(data="/elsewhere"), dict(weights="other.pth")):
+        assert reuse(**other) is None, other
 
 
 def test_a_curve_of_models_from_different_runs_needs_out(trained):
