@@ -32,9 +32,10 @@ import torch  # noqa: E402
 from meanflow import MeanFlowConfig, MeanFlowLoss  # noqa: E402
 from meanflow.runtime import tune_cpu_allocator  # noqa: E402
 
-# (label, ratio of r != t, jvp mode); "fm" is the flow-matching baseline
-MODES = [("fm", 0.0, ""), ("mf 25%", 0.25, "split"), ("mf 50%", 0.5, "split"),
-         ("mf 100%", 1.0, "split"), ("mf 100% joint", 1.0, "joint")]
+# (label, ratio of r != t, jvp mode, tangent); "fm" is the flow-matching baseline
+MODES = [("fm", 0.0, "", "sample"), ("mf 25%", 0.25, "split", "sample"),
+         ("mf 25% model tangent", 0.25, "split", "model"), ("mf 50%", 0.5, "split", "sample"),
+         ("mf 100%", 1.0, "split", "sample"), ("mf 100% joint", 1.0, "joint", "sample")]
 
 # name -> (builder kwargs, input shape [C, H, W], edge shape or None, batch)
 MODELS = {
@@ -78,9 +79,9 @@ def measure(name: str, mode: str, device: str, iters: int) -> dict:
     net, shape, eshape, batch = build(name, device)
     x = torch.randn(batch, *shape, device=device)
     edge = (torch.rand(batch, *eshape, device=device) > 0.8).float() if eshape else None
-    _, ratio, jvp_mode = next(m for m in MODES if m[0] == mode)
+    _, ratio, jvp_mode, tangent = next(m for m in MODES if m[0] == mode)
     loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=ratio, cond_drop_prob=0.0,
-                                          jvp_mode=jvp_mode or "split"))
+                                          jvp_mode=jvp_mode or "split", tangent=tangent))
     # Warm up every code path on one sample (lazy library initialisation would otherwise
     # count as step memory for some modes and not others).
     for m in ("fm", "mf 100%", "mf 100% joint"):
@@ -137,7 +138,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in names:
         fm = None
-        for mode, _, _ in MODES:
+        for mode, *_ in MODES:
             cmd = [sys.executable, __file__, "--_child", name, mode, "--device", a.device,
                    "--iters", str(iters), "--threads", str(a.threads)]
             timed = subprocess.run(cmd + (["--no-mallopt"] if a.no_mallopt else []),
