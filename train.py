@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from meanflow.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss, sample_times  # noqa: E402
-from meanflow.runtime import tune_cpu_allocator  # noqa: E402
+from meanflow.runtime import seed_rng, tune_cpu_allocator  # noqa: E402
 from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, SeededItems,  # noqa: E402
                                ShardedEpochSampler, ckpt_name, export_config, export_model,
                                list_checkpoints, load_ema, lr_at, mix_seed,
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
             x, edge, label = batch_to(batch, device, cfg)
             noise, r, t, keep = global_draws(cfg, loss_fn, (step, micro), x, rank, edge is not None
                                              or label is not None)
-            torch.manual_seed(mix_seed(tc.seed, rank, step, micro))   # dropout
+            seed_rng(mix_seed(tc.seed, rank, step, micro), device)   # dropout
             with accelerator.accumulate(model):
                 out = loss_fn(model, x, edge, label, noise=noise, r=r, t=t, keep=keep)
                 loss = out.loss

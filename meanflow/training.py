@@ -15,6 +15,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ModelConfig, from_dict, to_dict
+from .runtime import seed_rng
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
@@ -94,7 +95,7 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         epoch, i = divmod(k, len(self.dataset))
-        torch.manual_seed(mix_seed(self.seed, 7, epoch, i))
+        seed_rng(mix_seed(self.seed, 7, epoch, i))      # augmentation draws on the CPU
         return self.dataset[i]
 
 

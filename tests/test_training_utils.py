@@ -91,3 +91,18 @@ def test_sharded_sampler_splits_global_batches_and_resumes():
     resumed = list(itertools.islice(iter(ShardedEpochSampler(n, bs, 0, world, 0,
                                                              start_batch=2)), 3))
     assert resumed == per_rank[0][6:9]
+
+
+def test_seed_rng_draws_like_torch_manual_seed_without_seeding_cuda_on_cpu(monkeypatch):
+    from meanflow.runtime import seed_rng
+    torch.manual_seed(5)
+    want = (torch.rand(4), torch.randn(3), torch.randint(0, 100, (5,)))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", calls.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    seed_rng(5)
+    got = (torch.rand(4), torch.randn(3), torch.randint(0, 100, (5,)))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert calls == []                    # no (lazily queued, stack-recording) CUDA seeding
+    seed_rng(6, "cuda")                   # a CUDA run seeds its device too (dropout)
+    assert calls == [6]
