@@ -60,8 +60,8 @@ class MeanFlowConfig:
                       doc="z-tangent of the JVP: sample = the training velocity e - x (the "
                           "MeanFlow paper); model = the network's own no-grad estimate "
                           "u(z_t, t, t) of the marginal velocity (improved MeanFlow, "
-                          "Geng et al. 2025b): lower-variance target, one more no-grad "
-                          "forward on the r != t samples")
+                          "Geng et al. 2025b): a JVP term free of the sample's noise, "
+                          "for one more no-grad forward on the r != t samples")
     jvp_mode: str = _f("split", choices=("split", "joint"),
                        doc="split: no-grad JVP on the r != t samples + one forward with graph "
                            "(flow-matching memory); joint: one forward-mode pass with graph")
