@@ -156,21 +156,23 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     h = _bcast(t - r, z).to(out_dtype)
     neq = t != r
     idx = torch.nonzero(neq).squeeze(1)
-    w = v
+    # On the boundary r = t the JVP term is multiplied by zero: only the r != t samples
+    # need a tangent (and, in split mode, a JVP).
+    z_s, r_s, t_s, c_s = z[idx], r[idx], t[idx], _select(cond, idx)
+    w_s = v[idx]
     if tangent == "model" and idx.numel() > 0:
-        # Only the r != t samples need it: on r = t the JVP term is multiplied by zero.
-        w = v.clone()
         with torch.no_grad():
-            w[idx] = unwrap(model)(z[idx], t[idx], t[idx], **_select(cond, idx)).to(v.dtype)
+            w_s = unwrap(model)(z_s, t_s, t_s, **c_s).to(v.dtype)
     if jvp_mode == "joint" and idx.numel() > 0:
+        w = v.index_copy(0, idx, w_s) if tangent == "model" else v
         u, dudt = _jvp(model, z, r, t, w, cond)
         u = u.to(out_dtype)
         return u, (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
 
     dudt = torch.zeros(z.shape, dtype=out_dtype, device=z.device)
-    if idx.numel() > 0:  # on the boundary r = t the JVP term is multiplied by zero: skip it
+    if idx.numel() > 0:
         with torch.no_grad():
-            _, d = _jvp(unwrap(model), z[idx], r[idx], t[idx], w[idx], _select(cond, idx))
+            _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
         dudt[idx] = d.to(out_dtype)
     u = model(z, r, t, **cond).to(out_dtype)
     return u, (v.to(out_dtype) - h * dudt).detach()
