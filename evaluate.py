@@ -294,8 +294,12 @@ def main(argv=None) -> int:
             return 0
     edge_f1 = ((not args.no_edge_f1) and dcfg.use_edges
                and ds.meta.get("edges") not in (None, "none"))
+    from meanflow.codec import make_decoder
+    # built once, shared by every model of a curve (a VAE decoder, a PiDiNet/HED detector)
     ctx = dict(ds=ds, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list, grids=grids,
-               ref_stats=ref_stats, weights=weights, want_fid=want_fid, edge_f1=edge_f1,
+               ref_stats=ref_stats, weights=weights, want_fid=want_fid,
+               decode=make_decoder(ds.meta, device),
+               detector=edge_detector(ds.meta, device) if edge_f1 else None,
                rank=rank, world=world, device=device)
     data = str(Path(ds.path).resolve())
     if not curve:
@@ -337,6 +341,24 @@ def main(argv=None) -> int:
     return 0
 
 
+def edge_detector(meta: dict, device: torch.device):
+    """Generated uint8 [B, H, W, C] -> bool [B, S, S] edges, made as the dataset's were."""
+    from preprocess.edges import detector_from_meta
+    det = detector_from_meta(meta, str(device))
+
+    def detect(imgs: np.ndarray, size) -> np.ndarray:
+        out = []
+        for img in imgs:
+            if img.shape[:2] != tuple(size):
+                from PIL import Image
+                pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+                img = np.asarray(pil.resize(tuple(size)[::-1], Image.BICUBIC))
+                img = img[..., None] if img.ndim == 2 else img
+            out.append(det(img)[0] > 127)
+        return np.stack(out)
+    return detect
+
+
 def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> None:
     """A curve's models must condition on the same inputs as its first one and fit the data."""
     from meanflow.data import check_compatible
@@ -354,28 +376,11 @@ def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> Non
 def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows."""
     from meanflow import metrics as M
-    from meanflow.codec import make_decoder
     ds, sel, dcfg, mcfg = ctx["ds"], ctx["sel"], ctx["dcfg"], ctx["mcfg"]
     rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
     steps_list, grids, want_fid = ctx["steps_list"], ctx["grids"], ctx["want_fid"]
-    decode = make_decoder(ds.meta, device)
+    decode, detector = ctx["decode"], ctx["detector"]
     n = len(sel)
-    edge_f1 = ctx["edge_f1"]
-    if edge_f1:
-        from preprocess.edges import detector_from_meta
-        det = detector_from_meta(ds.meta, str(device))
-
-        def detector(imgs: np.ndarray, size) -> np.ndarray:
-            """Generated uint8 [B, H, W, C] -> bool [B, S, S] edges, as the dataset's were made."""
-            out = []
-            for img in imgs:
-                if img.shape[:2] != tuple(size):
-                    from PIL import Image
-                    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-                    img = np.asarray(pil.resize(tuple(size)[::-1], Image.BICUBIC))
-                    img = img[..., None] if img.ndim == 2 else img
-                out.append(det(img)[0] > 127)
-            return np.stack(out)
 
     # fixed global batches; rank r takes batches r, r + world, ...
     batches = [sel[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
@@ -409,7 +414,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
             if want_fid:
                 feats.append((b, M.inception_features(as_rgb(imgs), device=device,
                                                       weights=ctx["weights"])))
-            if edge_f1:
+            if detector is not None:
                 ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
                 pred_edges = detector(imgs, ref_edges.shape[-2:])
                 prf.append((b, M.edge_prf(pred_edges, ref_edges)))
@@ -425,7 +430,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
                 order = sorted(all_feats, key=lambda bf: bf[0][0])
                 f = np.concatenate([bf[1] for bf in order])
                 row.update(M.fid_kid(f, ctx["ref_stats"]))
-            if edge_f1:
+            if detector is not None:
                 w = sum(len(b) for b, _ in all_prf)
                 for k in ("precision", "recall", "f1"):
                     row[f"edge_{k}"] = sum(p[k] * len(b) for b, p in all_prf) / w
