@@ -29,6 +29,10 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.train.max_steps == 10 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.lr == 1e-4          # from the file; ints are accepted for floats
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    # PyYAML reads 1e-3 (no dot) as a string; a float key still takes it, in a file too
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    p.write_text("train:\n  lr: 3E-4\n")
+    assert load_config(p).train.lr == 3e-4
 
 
 @pytest.mark.parametrize("override, match", [
@@ -41,6 +45,7 @@ def test_overrides_are_typed(tmp_path):
     ("meanflow.time_sigma=0", r"meanflow.time_sigma: must be > 0.0"),
     ("meanflow.time_dist=gauss", r"meanflow.time_dist: 'gauss' is not one of"),
     ("train.lr=.nan", r"train.lr: must be finite"),
+    ("train.lr=1e-3x", r"train.lr: expected float, got str '1e-3x'"),
     ("train.betas=[0.9]", r"train.betas must be two numbers"),
     ("meanflow.cfg_t_min=0.9", r"cfg_t_min .* > meanflow.cfg_t_max"),
     ("model=3", r"model: expected a mapping"),
