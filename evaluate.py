@@ -14,7 +14,8 @@ and its statistics are cached next to the dataset.
 
 Several --ckpt (or a run's checkpoints/ folder, which stands for all its complete
 checkpoints) give a learning curve: each model is evaluated on the same samples into
-OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step. A model
+OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step
+(curve.png plots them). A model
 whose results there already cover the requested steps is read back, not sampled again, so a
 killed curve resumes.
 """
@@ -466,7 +467,7 @@ def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n
 
 
 def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
-    """curve.json and curve.md: FID (KID, edge F1) of every model by training step."""
+    """curve.json, curve.md and curve.png: FID (KID, edge F1) of every model by training step."""
     (out / "curve.json").write_text(json.dumps(dict(
         meta=dict(split=args.split, category=args.category, seed=args.seed,
                   cfg_scale=args.cfg_scale, n=n), models=rows), indent=2))
@@ -489,6 +490,32 @@ def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
         f"{', category ' + args.category if args.category else ''}, N = {n} (the same "
         f"samples for every model), seed {args.seed}. FID/KID reference: the real images of "
         f"the same N samples.\n\n" + "\n".join(lines) + "\n")
+    plot_curve(out / "curve.png", rows, metrics, steps, n)
+
+
+def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], steps: list[int],
+               n: int) -> None:
+    """curve.png: one panel per metric against the training step, one line per step count."""
+    import matplotlib
+    matplotlib.use("Agg")            # no display: write the file only
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    x = [m["step"] for m in rows]
+    for ax, (key, name) in zip(axes[0], metrics):
+        for s in steps:
+            y = [next((r.get(key) for r in m["results"] if r["steps"] == s), None) for m in rows]
+            pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{s} step{'s' if s != 1 else ''}")
+        ax.set_xlabel("training step")
+        ax.set_title(f"{name} (N = {n})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:

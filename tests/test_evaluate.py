@@ -73,6 +73,10 @@ def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_p
     assert [r["edge_f1"] for r in rows] == [r["edge_f1"] for r in curve["models"][1]["results"]]
     md = (out / "curve.md").read_text()
     assert "N = 6" in md and "| FID 1 step | FID 2 steps |" in md and "\n| 3 | " in md
+    from PIL import Image
+    with Image.open(out / "curve.png") as im:       # one 420 x 340 panel per metric
+        n_metrics = sum(k in curve["models"][0]["results"][0] for k in ("fid", "kid", "edge_f1"))
+        assert im.format == "PNG" and im.size == (420 * n_metrics, 340) and n_metrics >= 2
     # a killed curve resumes: finished models are read back, the missing one is sampled
     (out / "step_0000002" / "results.json").unlink()
     res = evaluate(trained / "checkpoints", *common, "--out", str(out))
