@@ -490,7 +490,8 @@ def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
         f"{', category ' + args.category if args.category else ''}, N = {n} (the same "
         f"samples for every model), seed {args.seed}. FID/KID reference: the real images of "
         f"the same N samples.\n\n" + "\n".join(lines) + "\n")
-    plot_curve(out / "curve.png", rows, metrics, steps, n)
+    if metrics:                     # without --fid and with --no-edge-f1 there is nothing to plot
+        plot_curve(out / "curve.png", rows, metrics, steps, n)
 
 
 def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], steps: list[int],

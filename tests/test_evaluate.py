@@ -101,6 +101,23 @@ def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_p
         assert reuse(**other) is None, other
 
 
+def test_a_curve_plots_what_it_measured_and_nothing_without_metrics(tmp_path):
+    from PIL import Image
+
+    from evaluate import write_curve
+    args = argparse.Namespace(split="test", category=None, seed=0, cfg_scale=1.0)
+    rows = [dict(ckpt=f"c{s}", step=s, results=[dict(steps=1, fid=f, edge_f1=0.9),
+                                                 dict(steps=2, fid=f - 1.0, edge_f1=0.95)])
+            for s, f in ((10, 80.0), (20, 60.0))]
+    write_curve(tmp_path, rows, args, 8)
+    with Image.open(tmp_path / "curve.png") as im:
+        assert im.size == (840, 340)                    # FID and edge F1 panels
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    write_curve(bare, [dict(ckpt="c", step=1, results=[dict(steps=1)])], args, 8)
+    assert (bare / "curve.md").is_file() and not (bare / "curve.png").exists()
+
+
 def test_a_curve_of_models_from_different_runs_needs_out(trained):
     res = evaluate(trained, str(trained / "checkpoints" / "step_0000001"))
     assert res.returncode == 2 and "pass --out" in res.stderr, res.stderr[-2000:]
