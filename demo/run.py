@@ -437,10 +437,18 @@ def table(rows: list[tuple[str, dict]], edges: bool) -> list[str]:
     return out
 
 
-def first_rise(rows: list[dict]):
-    """(a, b): the first pair of consecutive step counts where FID rises, or None."""
+# FID at N = 1,000 moves by up to ~0.8 when only the sampling noise changes (the demo's edge
+# model, sampling seeds 0 / 1 / 2: 2 steps 43.3 / 42.6 / 43.1, 4 steps 43.6 / 43.6 / 43.9). A
+# rise from one step count to the next smaller than this is reported, but not probed and not
+# given a cause.
+FID_NOISE = 1.0
+
+
+def first_rise(rows: list[dict], tol: float = FID_NOISE):
+    """(a, b): the first pair of consecutive step counts where FID rises by more than
+    ``tol``, or None."""
     return next(((a["steps"], b["steps"]) for a, b in zip(rows, rows[1:])
-                 if b["fid"] > a["fid"]), None)
+                 if b["fid"] > a["fid"] + tol), None)
 
 
 def probe_spec(rise) -> str:
@@ -451,10 +459,16 @@ def probe_spec(rise) -> str:
 
 
 def monotone_note(name: str, rows: list[dict], probe: dict | None) -> list[str]:
+    fid = {r["steps"]: r["fid"] for r in rows}
     rise = first_rise(rows)
     if rise is None:
-        return []
-    fid = {r["steps"]: r["fid"] for r in rows}
+        small = first_rise(rows, tol=0.0)
+        if small is None:
+            return []
+        a, b = small
+        return [f"- {name}: FID rises from {a} to {b} steps ({fid[a]:.1f} -> {fid[b]:.1f}), "
+                f"by less than the ~{FID_NOISE:g} FID that the sampling seed alone can move it "
+                f"at this N: too small to locate with a probe."]
     a, b = rise
     out = [f"- {name}: FID rises from {a} to {b} steps ({fid[a]:.1f} -> {fid[b]:.1f}): more "
            f"steps are not better here."]

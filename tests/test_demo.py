@@ -96,6 +96,15 @@ def test_monotone_note_reports_where_quality_is_lost():
     assert "44.0 -> 65.0" in near[0] and "13 NFE" in near[0] and "near the data (t < 0.25)" in near[0]
     far = demo_run.monotone_note("edge FM", rows, dict(fid=63.0, nfe=13))
     assert "above t = 0.25" in far[0]
+    # a rise within the sampling noise is reported as such, gets no probe and no cause,
+    # and does not hide a real rise further on
+    noisy = [dict(steps=s, fid=f) for s, f in ((1, 46.8), (2, 43.3), (4, 43.6))]
+    assert demo_run.first_rise(noisy) is None
+    note = demo_run.monotone_note("edge MF", noisy, None)
+    assert len(note) == 1 and "43.3 -> 43.6" in note[0] and "too small to locate" in note[0]
+    both = noisy + [dict(steps=16, fid=50.0)]
+    assert demo_run.first_rise(both) == (4, 16)
+    assert "43.6 -> 50.0" in demo_run.monotone_note("edge MF", both, None)[0]
 
 
 SPEED = dict(inception_s=0.1, edge_nfe_s=0.003, cls_nfe_s=0.002)
