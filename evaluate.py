@@ -15,9 +15,8 @@ and its statistics are cached next to the dataset.
 Several --ckpt (or a run's checkpoints/ folder, which stands for all its complete
 checkpoints) give a learning curve: each model is evaluated on the same samples into
 OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step
-(curve.png plots them). A model
-whose results there already cover the requested steps is read back, not sampled again, so a
-killed curve resumes.
+(curve.png plots them). A model whose results there already cover the requested steps is
+read back, not sampled again, so a killed curve resumes.
 """
 from __future__ import annotations
 
@@ -501,11 +500,10 @@ def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], ste
     matplotlib.use("Agg")            # no display: write the file only
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    x = [m["step"] for m in rows]
     for ax, (key, name) in zip(axes[0], metrics):
         for s in steps:
-            y = [next((r.get(key) for r in m["results"] if r["steps"] == s), None) for m in rows]
-            pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+            pts = [(m["step"], r[key]) for m in rows for r in m["results"]
+                   if r["steps"] == s and r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{s} step{'s' if s != 1 else ''}")
         ax.set_xlabel("training step")
