@@ -14,6 +14,7 @@ the second step, and on ``ddp.module`` it silently skips the gradient all-reduce
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -105,8 +106,28 @@ def unwrap(model: Model) -> Model:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+_FWAD_READY = False
+
+
+def _load_forward_ad() -> None:
+    """Make torch load its forward-AD decompositions once, quietly.
+
+    The first ``make_dual`` of a process scripts torch's own JVP decompositions with
+    ``torch.jit.script``, which warns that it is deprecated: torch's call, not ours, and
+    nothing a user can act on, so it is silenced here (and only here)."""
+    global _FWAD_READY
+    if _FWAD_READY:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+        with fwAD.dual_level():
+            fwAD.make_dual(torch.zeros(1), torch.zeros(1))
+    _FWAD_READY = True
+
+
 def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
     """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD."""
+    _load_forward_ad()
     with fwAD.dual_level():
         # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed.
         z_d = fwAD.make_dual(z.contiguous(), v.contiguous().to(z.dtype))

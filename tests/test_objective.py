@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from helpers import PY, run
 from meanflow import MeanFlowConfig, MeanFlowLoss, meanflow_target, sample, sample_times
 from meanflow.objective import guided_velocity
 from models.tiny import TinyConvNet
@@ -346,3 +347,19 @@ def test_time_grid_with_a_final_jump_and_explicit_times():
             sample(net, noise, times=torch.tensor(bad), edge=edge)
     with pytest.raises(ValueError, match="jump_below must lie in"):
         time_grid(4, jump_below=1.0)
+
+
+def test_first_jvp_of_a_process_raises_no_deprecation_warning():
+    # torch scripts its forward-AD decompositions on the first make_dual of a process and warns
+    # that torch.jit.script is deprecated; a fresh process with FutureWarnings as errors shows
+    # that the objective keeps that out of users' logs.
+    code = ("import torch\n"
+            "from meanflow import meanflow_target\n"
+            "from models.tiny import TinyConvNet\n"
+            "net = TinyConvNet(in_channels=1, ch=16, edge_channels=0, num_classes=0)\n"
+            "z, v = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)\n"
+            "u, tgt = meanflow_target(net, z, torch.zeros(2), torch.ones(2), v)\n"
+            "print(tuple(tgt.shape))\n")
+    res = run([PY, "-W", "error::FutureWarning", "-c", code], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "(2, 1, 8, 8)"
