@@ -43,3 +43,24 @@ def seed_rng(seed: int, device=None) -> None:
     torch.default_generator.manual_seed(seed)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.manual_seed(seed)
+
+
+def process_device(requested=None):
+    """The device this process computes on: the one place train, evaluate, cache and the
+    sampling API take it from.
+
+    ``requested`` (a ``--device`` flag, e.g. "cpu" or "cuda:1") wins when given. Otherwise
+    ``cuda:LOCAL_RANK`` when CUDA is available, so that under torchrun / accelerate launch each
+    rank computes on its own GPU (a bare "cuda" means cuda:0 for every rank), else the CPU.
+    A bare "cuda" request is pinned to LOCAL_RANK the same way.
+    """
+    import torch
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested is not None:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local)
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", local)
+    return torch.device("cpu")

@@ -270,16 +270,6 @@ class VAECodec:
         return out
 
 
-def default_device() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def build_codec(args: argparse.Namespace, device: str):
     if args.codec == "pixel":
         return PixelCodec(args.image_size, args.channels)
@@ -654,7 +644,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             _WORKER.update(sources=sources, args=args, detector=cpu_detector)
             pool = mp.get_context("fork").Pool(args.workers)
         needs_torch = args.codec != "pixel" or args.edges in ("pidinet", "hed")
-        device = args.device or (default_device() if needs_torch else "cpu")
+        if needs_torch:
+            from meanflow.runtime import process_device   # imports torch: only when needed
+            device = str(process_device(args.device))
+        else:
+            device = "cpu"
         codec = build_codec(args, device)
         detector = cpu_detector
         if args.edges in ("pidinet", "hed"):
