@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from meanflow.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
-from meanflow.objective import MeanFlowLoss, sample_times  # noqa: E402
-from meanflow.runtime import seed_rng, tune_cpu_allocator  # noqa: E402
-from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, SeededItems,  # noqa: E402
+from meanflow.objective import MeanFlowLoss  # noqa: E402
+from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
+from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, Meter, SeededItems,  # noqa: E402
                                ShardedEpochSampler, ckpt_name, export_config, export_model,
                                list_checkpoints, load_ema, lr_at, mix_seed,
                                prune_checkpoints, save_ema)
@@ -62,7 +62,7 @@ class Run:
         self.is_main = accelerator.is_main_process
         self.run_dir = run_dir
         self.tb = None
-        self.csv_file = None
+        self.csv_header = None
         if self.is_main and enabled_tb:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
@@ -77,12 +77,17 @@ class Run:
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
         path = self.run_dir / "metrics.csv"
-        new = not path.exists()
+        if self.csv_header is None and path.exists():       # a resumed run keeps its columns
+            with open(path, newline="") as f:
+                self.csv_header = next(csv.reader(f), None)
+        new = self.csv_header is None
+        if new:
+            self.csv_header = ["step", *values.keys()]
         with open(path, "a", newline="") as f:
-            w = csv.writer(f)
+            w = csv.DictWriter(f, self.csv_header, restval="", extrasaction="ignore")
             if new:
-                w.writerow(["step", *values.keys()])
-            w.writerow([step, *[f"{v:.6g}" for v in values.values()]])
+                w.writeheader()
+            w.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
     def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
         if self.is_main:
@@ -101,32 +106,178 @@ def build_data(cfg: Config, path: str):
                        use_labels=cfg.data.use_labels, edge_dtype=torch.uint8)
 
 
-def batch_to(batch: dict, device, cfg: Config):
+def batch_to(batch: dict, device, cfg: Config, channels_last: bool = False):
     x = batch["x"].to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     edge = (batch["edge"].to(device, non_blocking=True).float().div_(255)
             if cfg.data.use_edges else None)
     label = batch["label"].to(device, non_blocking=True) if cfg.data.use_labels else None
     return x, edge, label
 
 
-def global_draws(cfg: Config, loss_fn: MeanFlowLoss, at: tuple[int, int], x: torch.Tensor,
-                 rank: int, has_cond: bool):
-    """Noise, (r, t) and the condition-dropout mask of this rank's slice of the GLOBAL batch.
+# --------------------------------------------------------------------------------------------
+# Precision and launcher settings
+# --------------------------------------------------------------------------------------------
+LAUNCH_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"          # accelerate launch --mixed_precision
+LAUNCH_ACCUM_ENV = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"   # ... --gradient_accumulation_steps
 
-    Drawn for the whole global batch from a generator seeded by (seed, step, micro-step) and
-    sliced by rank, so every sample's randomness is the same whatever the number of
-    processes: 1 and N processes train the same model (up to float summation order).
+
+def resolve_precision(tc, device: torch.device, env=os.environ) -> str:
+    """The autocast mode: ``train.mixed_precision`` against the launcher's flag and the device.
+
+    ``accelerate launch`` always exports its flag ("no" when not given), so only a launcher
+    value other than "no" counts as asked for. An explicit config value that contradicts it is
+    an error rather than a silent override in either direction.
     """
-    tc = cfg.train
-    g = torch.Generator().manual_seed(mix_seed(tc.seed, 3, *at))
-    n, lo = x.shape[0], rank * x.shape[0]
-    r, t = sample_times(cfg.meanflow, tc.batch_size, "cpu", g, cfg.meanflow.ratio_at(at[0]))
-    noise = torch.randn((tc.batch_size, *x.shape[1:]), generator=g)
-    keep = loss_fn.drop_mask(tc.batch_size, "cpu", has_cond, g)
-    sl = slice(lo, lo + n)
-    dev = x.device
-    return (noise[sl].to(dev, x.dtype), r[sl].to(dev), t[sl].to(dev),
-            None if keep is None else keep[sl].to(dev))
+    launched = (env.get(LAUNCH_PRECISION_ENV) or "no").lower()
+    want = tc.mixed_precision
+    if want == "auto":
+        if launched != "no":
+            want = launched
+        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+            want = "bf16"
+        else:
+            want = "no"
+    elif launched != "no" and launched != want:
+        raise ConfigError(f"train.mixed_precision={want} but the launcher asks for "
+                          f"--mixed_precision {launched}: drop one of them (train."
+                          f"mixed_precision=auto follows the launcher)")
+    if want not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"--mixed_precision {want}: this trainer supports no, bf16 and fp16")
+    if want == "fp16" and device.type != "cuda":
+        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this process runs on "
+                          f"{device}); use bf16 or no")
+    return want
+
+
+def resolve_grad_accum(tc, env=os.environ) -> int:
+    """``train.grad_accum``, or the launcher's --gradient_accumulation_steps when the config
+    keeps the default of 1. Accelerate takes the launcher's value over the one passed in code,
+    so the two must agree, or the loop and Accelerate disagree on when gradients sync."""
+    raw = env.get(LAUNCH_ACCUM_ENV)
+    if raw is None:
+        return tc.grad_accum
+    try:
+        launched = int(raw)
+    except ValueError:
+        raise ConfigError(f"{LAUNCH_ACCUM_ENV}={raw!r} is not an integer") from None
+    if launched < 1:
+        raise ConfigError(f"--gradient_accumulation_steps {launched} must be >= 1")
+    if tc.grad_accum not in (1, launched):
+        raise ConfigError(f"train.grad_accum={tc.grad_accum} but the launcher asks for "
+                          f"--gradient_accumulation_steps {launched}: drop one of them")
+    return launched
+
+
+def set_backend_flags(tc, device: torch.device) -> None:
+    """TF32 tensor cores for fp32 matmuls/convolutions on CUDA (train.tf32)."""
+    if device.type == "cuda":
+        prec = "tf32" if tc.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = prec
+        torch.backends.cudnn.conv.fp32_precision = prec
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, EMA
+# --------------------------------------------------------------------------------------------
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.channels_last and device.type == "cuda" and cfg.model.name == "unet"
+
+
+def prepare_training(accelerator, model: torch.nn.Module, cfg: Config):
+    """(model, optimizer, EMA, forward model) placed on ``accelerator.device``.
+
+    The order matters: the EMA copies the parameters AFTER ``accelerator.prepare`` has moved
+    them, so its shadows live on the training device (built before, they stay on the CPU and
+    the first update mixes devices). ``forward model`` is what the loss calls for the pass
+    with gradients: the prepared model, or its torch.compile wrapper (train.compile).
+    """
+    tc, device = cfg.train, accelerator.device
+    if uses_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    fused = tc.fused_optimizer and device.type in ("cuda", "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                            weight_decay=tc.weight_decay, fused=fused or None)
+    model, opt = accelerator.prepare(model, opt)
+    ema = EMA(accelerator.unwrap_model(model), tc.ema_decays)
+    forward_model = torch.compile(model) if tc.compile else model
+    return model, opt, ema, forward_model
+
+
+def _inner_optimizer(opt):
+    return getattr(opt, "optimizer", opt)           # accelerate's wrapper -> torch's AdamW
+
+
+def apply_update(opt, ok: torch.Tensor, fp16: bool) -> None:
+    """``opt.step()`` unless the gradients are not finite, decided without a host read.
+
+    fused AdamW takes a ``found_inf`` tensor and skips the update (its step count included) on
+    the device; fp16's GradScaler does the same from its own overflow check, and must see
+    every step (its scale update, and the unscale state that the next clip reads). Other
+    optimizers fall back to one host read of ``ok``.
+    """
+    inner = _inner_optimizer(opt)
+    if fp16:
+        opt.step()
+    elif inner.defaults.get("fused"):
+        inner.found_inf = (~ok).float()
+        try:
+            opt.step()
+        finally:
+            del inner.found_inf
+    elif bool(ok):
+        opt.step()
+
+
+def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro_batches,
+               step: int, *, accelerator, cfg: Config, world: int, rank: int,
+               fp16: bool = False, channels_last: bool = False, nan: bool = False):
+    """One optimizer step over ``len(micro_batches)`` accumulation micro-steps.
+
+    Everything stays on the device: nothing here reads a tensor on the host (the optimizer's
+    non-finite guard included, see ``apply_update``), so the CPU queues the next step while
+    the GPU runs this one. Returns (ok, nonfinite, gnorm, stats), 0-dim device tensors and a
+    dict of them: ``ok``: finite gradients (the update and the EMA step were applied);
+    ``stats``: the loss statistics
+    averaged over the micro-steps, ``nonfinite`` whether the step counts towards
+    train.max_nonfinite. ``nan`` poisons the loss (a test hook).
+    """
+    tc, device = cfg.train, accelerator.device
+    stats: dict = {}
+    n_micro = len(micro_batches)
+    for micro, batch in enumerate(micro_batches):
+        x, edge, label = batch_to(batch, device, cfg, channels_last)
+        d = loss_fn.draw(tuple(x.shape[1:]), tc.batch_size, seed=tc.seed, step=step,
+                         micro=micro, rank=rank, world=world,
+                         has_cond=edge is not None or label is not None,
+                         ratio=cfg.meanflow.ratio_at(step), device=device, dtype=x.dtype)
+        noise = (d.noise.contiguous(memory_format=torch.channels_last) if channels_last
+                 else d.noise)
+        seed_rng(mix_seed(tc.seed, rank, step, micro), device)   # dropout
+        with accelerator.accumulate(model):
+            out = loss_fn(forward_model, x, edge, label, noise=noise, r=d.r, t=d.t,
+                          keep=d.keep, neq_idx=d.neq_idx)
+            loss = out.loss * float("nan") if nan else out.loss
+            accelerator.backward(loss)
+            if micro == n_micro - 1:
+                # the norm of the synchronised gradients: identical on every rank, and
+                # non-finite on every rank as soon as one rank's loss was
+                max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                gnorm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                gnorm = torch.as_tensor(gnorm, device=device).float()
+                ok = torch.isfinite(gnorm)
+                for grp in opt.param_groups:
+                    grp["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.schedule)
+                apply_update(opt, ok, fp16)
+                opt.zero_grad(set_to_none=True)
+        for k, v in out.stats.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().float() / n_micro
+    ema.update(accelerator.unwrap_model(model), step, ok)
+    # What counts towards train.max_nonfinite: under fp16 only a non-finite loss, since
+    # GradScaler overflows (skipped too) are routine while it searches for its scale.
+    nonfinite = ~torch.isfinite(stats["loss"]) if fp16 else ~ok
+    return ok, nonfinite, gnorm, stats
 
 
 @torch.no_grad()
@@ -163,12 +314,22 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tune_cpu_allocator()
+    die_with_launcher()
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from meanflow.runtime import process_device
     tc = cfg.train
     run_dir = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
+    try:
+        # the precision and accumulation that Accelerate will use, agreed with the launcher,
+        # and recorded in the run's config.yaml as resolved
+        tc.mixed_precision = resolve_precision(tc, process_device())
+        tc.grad_accum = resolve_grad_accum(tc)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # cpu=True when there is no GPU: Accelerate only sets up a multi-process (gloo) run on
     # CPU when told so; on GPUs it picks NCCL by itself.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -177,6 +338,7 @@ def main(argv=None) -> int:
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   broadcast_buffers=False)])
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    set_backend_flags(tc, device)
     if tc.batch_size % world:
         print(f"error: train.batch_size={tc.batch_size} is not divisible by the number of "
               f"processes ({world})", file=sys.stderr)
@@ -224,11 +386,16 @@ def main(argv=None) -> int:
             run.print("note: the config differs from the run's previous one: " + "; ".join(diff))
         save_config(cfg, run_dir / "config.yaml")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                            weight_decay=tc.weight_decay)
-    ema = EMA(model, tc.ema_decays)
-    model, opt = accelerator.prepare(model, opt)
-    loss_fn = MeanFlowLoss(cfg.meanflow)
+    model, opt, ema, forward_model = prepare_training(accelerator, model, cfg)
+    # input values are checked on the first step (each check waits for the device)
+    loss_fn = MeanFlowLoss(cfg.meanflow, check_values=True)
+    n_neq = round(cfg.meanflow.ratio_r_neq_t * tc.batch_size)
+    if world > 1 and n_neq and math.gcd(tc.batch_size, n_neq) % world:
+        run.print(f"note: {n_neq} r != t samples per batch of {tc.batch_size} cannot be split "
+                  f"evenly over {world} processes: their JVP batches differ by up to "
+                  f"{n_neq // math.gcd(tc.batch_size, n_neq)} samples and the slowest sets the "
+                  f"pace (choose train.batch_size and meanflow.ratio_r_neq_t so that "
+                  f"gcd(batch, ratio x batch) is a multiple of the process count)")
 
     # ---- resume ---------------------------------------------------------------------------
     step, trained_s = 0, 0.0       # trained_s: training wall time of earlier sessions of this run
@@ -318,89 +485,88 @@ def main(argv=None) -> int:
         return net
 
     nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").split(",") if s.strip()}
-    bad_streak, skipped, t_start, t_last, seen = 0, 0, time.time(), time.time(), 0
+    t_start, t_last, seen = time.time(), time.time(), 0
     progress = None
     if accelerator.is_main_process:
         from tqdm import tqdm
         progress = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
     run.print(f"{n_params / 1e6:.2f}M parameters; {len(data)} records; {world} process(es) "
-              f"x {per_rank} x {tc.grad_accum} accumulation; device {device}")
+              f"x {per_rank} x {tc.grad_accum} accumulation; device {device}, precision "
+              f"{tc.mixed_precision}")
 
     # ---- the loop ---------------------------------------------------------------------------
+    # Nothing in a step reads a device tensor on the host. The run's state (loss statistics,
+    # the non-finite streak, stop requests) is read at sync points: every train.sync_every
+    # steps and at logging and checkpoint steps.
     model.train()
     it = iter(loader)
-    stats_sum: dict = {}
+    meter = Meter()
+    streak = torch.zeros((), device=device)              # consecutive non-finite steps
+    skipped = torch.zeros((), device=device)
+    pending: list = []                                   # (step, nonfinite) since the last read
+    fp16 = tc.mixed_precision == "fp16"
+    use_cl = uses_channels_last(cfg, device)
     exit_code = 0
     while step < tc.max_steps:
-        bad = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            batch = next(it)
-            x, edge, label = batch_to(batch, device, cfg)
-            noise, r, t, keep = global_draws(cfg, loss_fn, (step, micro), x, rank, edge is not None
-                                             or label is not None)
-            seed_rng(mix_seed(tc.seed, rank, step, micro), device)   # dropout
-            with accelerator.accumulate(model):
-                out = loss_fn(model, x, edge, label, noise=noise, r=r, t=t, keep=keep)
-                loss = out.loss
-                if step in nan_steps:
-                    loss = loss * float("nan")
-                bad += (~torch.isfinite(loss)).float()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    bad = accelerator.reduce(bad, reduction="sum")       # every rank agrees
-                    gnorm = (accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                             if tc.grad_clip > 0 else torch.zeros((), device=device))
-                    if bad.item() == 0 and torch.isfinite(torch.as_tensor(gnorm)):
-                        for grp in opt.param_groups:
-                            grp["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps,
-                                              tc.schedule)
-                        opt.step()
-                    opt.zero_grad(set_to_none=True)
-            for k, v in out.stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / tc.grad_accum
+        micro_batches = [next(it) for _ in range(tc.grad_accum)]
+        ok, nonfinite, gnorm, stats = train_step(
+            model, forward_model, opt, ema, loss_fn, micro_batches, step,
+            accelerator=accelerator, cfg=cfg, world=world, rank=rank, fp16=fp16,
+            channels_last=use_cl, nan=step in nan_steps)
+        loss_fn.check_values = tc.debug_checks
+        meter.add(stats, ok)
+        streak = (streak + 1) * nonfinite
+        skipped = skipped + nonfinite
+        pending.append((step, nonfinite))
         seen += tc.batch_size * tc.grad_accum
-
-        if bad.item() > 0 or not math.isfinite(float(gnorm)):
-            bad_streak += 1
-            skipped += 1
-            run.print(f"step {step}: non-finite loss or gradient, update skipped "
-                      f"({bad_streak} in a row)")
-            run.scalars(step, {"train/skipped_steps": skipped})
-            stats_sum = {}
-            if bad_streak >= tc.max_nonfinite:
-                run.print(f"error: {bad_streak} consecutive non-finite steps (train."
-                          f"max_nonfinite); stopping. The last good checkpoint is intact.")
-                exit_code = 3
-                break
-            step += 1          # the step is consumed (data and seeds move on), not applied
-            continue
-        bad_streak = 0
-        ema.update(accelerator.unwrap_model(model), step)
-        step += 1
+        step += 1            # a skipped step is consumed (data and seeds move on), not applied
         if progress is not None:
             progress.update(1)
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        log_now = step % tc.log_every == 0 or step == tc.max_steps
+        ckpt_now = step % tc.ckpt_every == 0 or step == tc.max_steps
+        if not (log_now or ckpt_now or step % tc.sync_every == 0):
+            if os.environ.get(KILL_ENV) == str(step):
+                os._exit(137)
+            continue
+        # ---- sync point: every rank reads the same state -----------------------------------
+        over_budget = trained_s + time.time() - t_start > budget_s
+        state = torch.stack([torch.tensor(float(stop["flag"]), device=device),
+                             torch.tensor(float(over_budget), device=device),
+                             streak, skipped, *[nf.float() for _, nf in pending]])
+        if world > 1:
+            torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MAX)
+        signalled, over_budget, n_streak, n_skipped, *bad = state.tolist()
+        for (at, _), b in zip(pending, bad):
+            if b:
+                run.print(f"step {at}: non-finite loss or gradient, update skipped")
+        pending = []
+        if n_streak >= tc.max_nonfinite:
+            last = list_checkpoints(ckpt_dir)
+            run.print(f"error: {int(n_streak)} consecutive non-finite steps (train."
+                      f"max_nonfinite={tc.max_nonfinite}); stopping. " +
+                      (f"The last good checkpoint, {last[-1][1]}, is intact." if last else
+                       "No checkpoint was written yet: nothing of this run is saved."))
+            exit_code = 3
+            break
+        if log_now:
             now = time.time()
-            vals = {f"train/{k}": v / tc.log_every for k, v in stats_sum.items()}
+            vals = {f"train/{k}": v for k, v in meter.read().items()}
             vals.update({"train/grad_norm": float(gnorm), "train/lr": opt.param_groups[0]["lr"],
                          "train/samples_per_s": seen / max(now - t_last, 1e-9),
-                         "train/skipped_steps": skipped})
+                         "train/skipped_steps": n_skipped})
             run.scalars(step, vals)
             if progress is not None:
                 progress.set_postfix(loss=f"{vals.get('train/loss', 0):.3f}",
                                      mse=f"{vals.get('train/mse', 0):.4f}")
-            stats_sum, seen, t_last = {}, 0, now
+            seen, t_last = 0, now
         if accelerator.is_main_process and (step % tc.image_every == 0 or step == tc.max_steps):
             grid = validation_grid(accelerator.unwrap_model(model), ema, val, cfg, decoder)
             run.image(step, "val/edge_gt_ema1_ema2", grid)
-        # stop conditions every rank agrees on (signals, wall-clock budget)
-        flag = torch.tensor(float(stop["flag"] or
-                                  trained_s + time.time() - t_start > budget_s), device=device)
-        flag = accelerator.reduce(flag, reduction="sum")
-        if step % tc.ckpt_every == 0 or step == tc.max_steps or flag.item() > 0:
+        stopping = signalled > 0 or over_budget > 0
+        if ckpt_now or stopping:
             save_checkpoint(step)
-        if flag.item() > 0:
+        if stopping:
             why = stop["why"] or "train.max_minutes reached"
             run.print(f"stopping at step {step} ({why}); checkpoint saved in {ckpt_dir}")
             break

@@ -108,6 +108,9 @@ class ModelConfig:
     # SiT
     edge_mode: str = _f("add", choices=("add", "tokens"),
                         doc="SiT: add edge patches to the latent tokens or append them")
+    grad_checkpointing: bool = _f(False, doc="SiT: recompute each block's activations in the "
+                                             "backward pass (less memory, ~1/3 more compute); "
+                                             "the no-grad JVP pass is unaffected")
 
 
 @dataclass
@@ -135,7 +138,26 @@ class TrainConfig:
     warmup_steps: int = _f(0, lo=0)
     schedule: str = _f("constant", choices=("constant", "cosine"))
     grad_clip: float = _f(1.0, lo=0.0, doc="max grad norm (0 = off)")
-    mixed_precision: str = _f("no", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = _f("auto", choices=("auto", "no", "bf16", "fp16"),
+                              doc="autocast dtype. auto: `accelerate launch --mixed_precision` "
+                                  "if given, else bf16 on a CUDA GPU that has it and no (fp32) "
+                                  "elsewhere. An explicit value that contradicts the launcher's "
+                                  "is an error; fp16 needs a CUDA GPU")
+    tf32: bool = _f(True, doc="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
+    channels_last: bool = _f(True, doc="CUDA: run the U-Net in channels_last memory format "
+                                       "(faster convolutions under autocast); no effect on "
+                                       "SiT or on the CPU")
+    fused_optimizer: bool = _f(True, doc="fused AdamW; it also skips a non-finite update on the "
+                                         "device, so the step never waits for the GPU. false: "
+                                         "foreach AdamW and one host read per step")
+    compile: bool = _f(False, doc="torch.compile the network's plain forward/backward; the JVP "
+                                  "and no-grad passes stay eager (Inductor has been reported "
+                                  "to drop forward-AD tangents)")
+    sync_every: int = _f(10, lo=1, doc="steps between the host reads of the run's state (stop "
+                                       "signals, time budget, non-finite streak); logging and "
+                                       "checkpoint steps read it too")
+    debug_checks: bool = _f(False, doc="check input values (finite, times in [0, 1]) at every "
+                                       "step, not only the first: each check waits for the GPU")
     ema_decays: list = _f([0.999])
     seed: int = _f(0, lo=0)
     log_every: int = _f(50, lo=1)
@@ -233,6 +255,9 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
                 raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
             _apply(cur, v, key + ".")
             continue
+        choices = fields[k].metadata.get("choices") or ()
+        if isinstance(v, bool) and hints[k] is str and "no" in choices:
+            v = "no" if v is False else v     # YAML 1.1 reads a bare `no` as false
         val = _coerce(v, hints[k], key)
         _check_range(val, fields[k].metadata, key)
         setattr(obj, k, val)

@@ -14,6 +14,7 @@ the second step, and on ``ddp.module`` it silently skips the gradient all-reduce
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .config import MeanFlowConfig
+from .runtime import mix_seed
 
 Model = Callable[..., Tensor]
 
@@ -35,28 +37,32 @@ def _bcast(s: Tensor, like: Tensor) -> Tensor:
     return s.reshape(s.shape[0], *([1] * (like.dim() - 1)))
 
 
-def check_times(r: Tensor, t: Tensor, batch: int | None = None) -> None:
-    """Raise a ValueError naming the argument if r or t is out of [0, 1], r > t, or mis-shaped."""
+def check_times(r: Tensor, t: Tensor, batch: int | None = None, values: bool = True) -> None:
+    """Raise a ValueError naming the argument if r or t is out of [0, 1], r > t, or mis-shaped.
+    ``values=False`` checks shapes only (no read of device values, so no host sync)."""
     for name, s in (("r", r), ("t", t)):
         if s.dim() != 1:
             raise ValueError(f"{name} must have shape [B], got {tuple(s.shape)}")
         if batch is not None and s.shape[0] != batch:
             raise ValueError(f"{name} has batch size {s.shape[0]}, x has {batch}")
+        if not values:
+            continue
         if not torch.isfinite(s).all():
             raise ValueError(f"{name} contains NaN or Inf")
         if (s < 0).any() or (s > 1).any():
             raise ValueError(f"{name} must lie in [0, 1], got min {s.min().item():.4g} "
                              f"max {s.max().item():.4g}")
-    if (r > t).any():
+    if values and (r > t).any():
         i = int(torch.nonzero(r > t)[0])
         raise ValueError(f"r must be <= t, got r={r[i].item():.4g} > t={t[i].item():.4g} "
                          f"at index {i}")
 
 
-def _check_inputs(x: Tensor, edge: Optional[Tensor], label: Optional[Tensor]) -> None:
+def _check_inputs(x: Tensor, edge: Optional[Tensor], label: Optional[Tensor],
+                  values: bool = True) -> None:
     if x.dim() < 2:
         raise ValueError(f"x must be batched [B, ...], got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if values and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or Inf")
     b = x.shape[0]
     if edge is not None and edge.shape[0] != b:
@@ -88,22 +94,59 @@ def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "
         s = torch.rand(shape, device=device, generator=generator)
     t = torch.maximum(s[0], s[1])
     r = torch.minimum(s[0], s[1])
-    n_neq = int(round(ratio * batch))
-    # A fixed count rather than a coin per sample: the ratio holds for every batch, and the
-    # position of the r != t samples is random by permutation.
-    equal = torch.ones(batch, dtype=torch.bool, device=device)
-    idx = torch.randperm(batch, device=device, generator=generator)[:n_neq]
-    equal[idx] = False
-    r = torch.where(equal, t, r)
+    neq = neq_layout(batch, int(round(ratio * batch)), device, generator)
+    r = torch.where(neq, r, t)
     return r, t
+
+
+def neq_layout(batch: int, n_neq: int, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> Tensor:
+    """[batch] bool: which samples get r != t. Exactly ``n_neq`` of them, spread in blocks.
+
+    The batch is cut into ``gcd(batch, n_neq)`` equal contiguous blocks, each holding the same
+    number of r != t samples at random positions. A global batch split contiguously over P
+    processes then gives every process the same number of JVP samples whenever P divides
+    that gcd (a batch of 256 at 25%: any P dividing 64), so no rank waits on a luckier one and
+    the JVP's batch shape is the same at every step, while the draw itself does not depend on
+    P. A fixed count rather than a coin per sample: the ratio holds for every batch.
+    """
+    if not 0 <= n_neq <= batch:
+        raise ValueError(f"n_neq must lie in [0, {batch}], got {n_neq}")
+    blocks = math.gcd(batch, n_neq) if n_neq else 1
+    size, per = batch // blocks, n_neq // blocks
+    # a random permutation per block (argsort of uniform keys); its first `per` slots are r != t
+    keys = torch.rand(blocks, size, device=device, generator=generator)
+    rank_in_block = keys.argsort(dim=1).argsort(dim=1)
+    return (rank_in_block < per).reshape(batch)
+
+
+SEED_STREAM_DRAWS = 3   # (seed, stream, step, micro-step) -> a training micro-step's draws
+
+
+@dataclass
+class Draws:
+    """The random inputs of one training micro-step, for this process's slice of the batch."""
+    noise: Tensor                 # [b, C, H, W]
+    r: Tensor                     # [b]
+    t: Tensor                     # [b]
+    keep: Optional[Tensor]        # [b] bool, or None (no condition / no dropout)
+    neq_idx: Tensor               # [k] long: the samples with r != t (k is known on the host)
 
 
 # --------------------------------------------------------------------------------------------
 # The target
 # --------------------------------------------------------------------------------------------
 def unwrap(model: Model) -> Model:
-    """The module inside a DistributedDataParallel wrapper (for no-grad passes only)."""
+    """The eager module inside torch.compile and DistributedDataParallel wrappers (for the
+    no-grad and JVP passes: they need no gradient all-reduce, and a compiled graph is not
+    trusted with forward-AD tangents)."""
+    model = uncompiled(model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def uncompiled(model: Model) -> Model:
+    """``model`` without a torch.compile wrapper (a DDP wrapper, if any, is kept)."""
+    return getattr(model, "_orig_mod", model)
 
 
 _FWAD_READY = False
@@ -129,8 +172,11 @@ def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
     """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD."""
     _load_forward_ad()
     with fwAD.dual_level():
-        # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed.
-        z_d = fwAD.make_dual(z.contiguous(), v.contiguous().to(z.dtype))
+        # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed,
+        # keeping a channels_last layout (the tangent takes the primal's layout).
+        cl = z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)
+        z = z if cl else z.contiguous()
+        z_d = fwAD.make_dual(z, torch.empty_like(z).copy_(v))
         t_d = fwAD.make_dual(t, torch.ones_like(t))
         u, dudt = fwAD.unpack_dual(model(z_d, r, t_d, **cond))
     return u, (torch.zeros_like(u) if dudt is None else dudt)   # None: u ignores z and t
@@ -142,7 +188,7 @@ def _select(cond: dict, idx: Tensor) -> dict:
 
 def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     jvp_mode: str = "split", tangent: str = "sample",
-                    **cond) -> tuple[Tensor, Tensor]:
+                    neq_idx: Optional[Tensor] = None, **cond) -> tuple[Tensor, Tensor]:
     """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
 
     du/dt is the JVP of ``model`` along the tangent (w, 0, 1) of (z, r, t). ``v`` is the
@@ -175,8 +221,7 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
         raise ValueError(f"tangent must be 'sample' or 'model', got {tangent!r}")
     out_dtype = torch.promote_types(z.dtype, torch.float32)
     h = _bcast(t - r, z).to(out_dtype)
-    neq = t != r
-    idx = torch.nonzero(neq).squeeze(1)
+    idx = torch.nonzero(t != r).squeeze(1) if neq_idx is None else neq_idx.to(z.device)
     # On the boundary r = t the JVP term is multiplied by zero: only the r != t samples
     # need a tangent (and, in split mode, a JVP).
     z_s, r_s, t_s, c_s = z[idx], r[idx], t[idx], _select(cond, idx)
@@ -186,7 +231,7 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
             w_s = unwrap(model)(z_s, t_s, t_s, **c_s).to(v.dtype)
     if jvp_mode == "joint" and idx.numel() > 0:
         w = v.index_copy(0, idx, w_s) if tangent == "model" else v
-        u, dudt = _jvp(model, z, r, t, w, cond)
+        u, dudt = _jvp(uncompiled(model), z, r, t, w, cond)
         u = u.to(out_dtype)
         return u, (v.to(out_dtype) - h * dudt.to(out_dtype)).detach()
 
@@ -245,8 +290,41 @@ class MeanFlowLoss:
     flow matching with the same network, weighting and guidance (the paper's ablation).
     """
 
-    def __init__(self, cfg: MeanFlowConfig | None = None):
+    def __init__(self, cfg: MeanFlowConfig | None = None, check_values: bool = True):
         self.cfg = cfg or MeanFlowConfig()
+        # Value checks (finite inputs, times in [0, 1], r <= t) read device tensors on the
+        # host, i.e. wait for the GPU: train.py runs them on its first step only.
+        self.check_values = check_values
+
+    def draw(self, x_shape: tuple[int, ...], global_batch: int, *, seed: int, step: int,
+             micro: int = 0, rank: int = 0, world: int = 1, has_cond: bool = False,
+             ratio: Optional[float] = None, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> Draws:
+        """Noise, (r, t), r != t positions and the dropout mask for process ``rank``'s slice
+        of a GLOBAL batch, drawn on the CPU from (seed, step, micro-step) alone.
+
+        Every sample's randomness is the same whatever the number of processes, so 1 and N
+        processes train the same model (up to float summation order). ``x_shape`` is one
+        sample's shape; the slice is ``global_batch // world`` samples. ``ratio`` is the r != t
+        fraction (default ``cfg.ratio_r_neq_t``; train.py passes ``cfg.ratio_at(step)``).
+        """
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
+        g = torch.Generator().manual_seed(mix_seed(seed, SEED_STREAM_DRAWS, step, micro))
+        r, t = sample_times(self.cfg, global_batch, "cpu", g, ratio)
+        noise = torch.randn((global_batch, *x_shape), generator=g)
+        keep = self.drop_mask(global_batch, "cpu", has_cond, g)
+        n = global_batch // world
+        sl = slice(rank * n, (rank + 1) * n)
+        neq_idx = torch.nonzero(r[sl] != t[sl]).squeeze(1)         # on the host: no sync
+
+        def put(a: Tensor, dt=None) -> Tensor:
+            dev = torch.device(device)
+            if dev.type == "cuda":
+                a = a.pin_memory()                   # an asynchronous host-to-device copy
+            return a.to(dev, dt, non_blocking=True)
+        return Draws(noise=put(noise[sl], dtype), r=put(r[sl]), t=put(t[sl]),
+                     keep=None if keep is None else put(keep[sl]), neq_idx=put(neq_idx))
 
     def drop_mask(self, batch: int, device, has_cond: bool,
                   generator: torch.Generator | None = None) -> Optional[Tensor]:
@@ -259,7 +337,7 @@ class MeanFlowLoss:
     def __call__(self, model: Model, x: Tensor, edge: Optional[Tensor] = None,
                  label: Optional[Tensor] = None, *, noise: Optional[Tensor] = None,
                  r: Optional[Tensor] = None, t: Optional[Tensor] = None,
-                 keep: Optional[Tensor] = None,
+                 keep: Optional[Tensor] = None, neq_idx: Optional[Tensor] = None,
                  generator: torch.Generator | None = None) -> LossOutput:
         """One MeanFlow loss evaluation on a batch of clean data ``x`` [B, ...].
 
@@ -269,13 +347,13 @@ class MeanFlowLoss:
         ``rms_ratio`` = u_rms / tgt_rms, ``frac_r_neq_t``.
         """
         cfg = self.cfg
-        _check_inputs(x, edge, label)
+        _check_inputs(x, edge, label, self.check_values)
         b, device = x.shape[0], x.device
         if (r is None) != (t is None):
             raise ValueError("pass both r and t, or neither")
         if r is None:
             r, t = sample_times(cfg, b, device, generator)
-        check_times(r, t, b)
+        check_times(r, t, b, self.check_values)
         if noise is None:
             noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator)
         elif noise.shape != x.shape:
@@ -294,7 +372,7 @@ class MeanFlowLoss:
         cond = dict(edge=edge, label=label, keep=keep)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
         u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, cfg.tangent,  # Eq. 10
-                                   **cond)
+                                   neq_idx, **cond)
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2
@@ -309,5 +387,5 @@ class MeanFlowLoss:
         return LossOutput(loss=loss, stats=stats)
 
 
-__all__ = ["MeanFlowLoss", "unwrap", "LossOutput", "sample_times", "meanflow_target", "guided_velocity",
-           "check_times"]
+__all__ = ["MeanFlowLoss", "Draws", "unwrap", "uncompiled", "LossOutput", "sample_times",
+           "neq_layout", "meanflow_target", "guided_velocity", "check_times", "SEED_STREAM_DRAWS"]

@@ -30,6 +30,15 @@ def tune_cpu_allocator() -> bool:
     return bool(ok)
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, rank, step, ...), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    return h & (2**63 - 1)
+
+
 def seed_rng(seed: int, device=None) -> None:
     """Seed torch's CPU generator, and the current CUDA device's when ``device`` is CUDA.
 
@@ -64,3 +73,31 @@ def process_device(requested=None):
     if torch.cuda.is_available():
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+_PR_SET_PDEATHSIG = 1
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK")
+
+
+def die_with_launcher(sig: int | None = None) -> bool:
+    """Ask the kernel to send this process ``sig`` (SIGTERM) when its launcher dies.
+
+    ``accelerate launch`` (single process) exits on SIGTERM without passing it on, which left
+    train.py running, orphaned, without its checkpoint-and-exit. With this, a SIGTERM to the
+    launcher reaches the trainer as a SIGTERM. Only under a launcher (torchrun / accelerate
+    set the variables in LAUNCHER_ENV): a plain `nohup python train.py` must outlive its
+    shell. Linux only; returns whether it was set.
+    """
+    import signal
+    if not sys.platform.startswith("linux") or not any(k in os.environ for k in LAUNCHER_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    sig = signal.SIGTERM if sig is None else sig
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:                   # the launcher died before the request was made
+        os.kill(os.getpid(), sig)
+    return True

@@ -15,7 +15,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ModelConfig, from_dict, to_dict
-from .runtime import seed_rng
+from .runtime import mix_seed, seed_rng  # noqa: F401  (mix_seed: re-exported)
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
@@ -23,18 +23,6 @@ EXPORT_DIR = "export"
 EXPORT_CONFIG = "model_config.json"
 EMA_FILE = "ema.safetensors"   # every EMA of a checkpoint, for resume
 LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"   # what accelerate's register_for_checkpointing wrote
-
-
-# --------------------------------------------------------------------------------------------
-# Seeds
-# --------------------------------------------------------------------------------------------
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, rank, step, ...), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
-        h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    return h & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,16 +109,20 @@ class EMA:
                         for _ in self.decays]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int, apply: Optional[torch.Tensor] = None) -> None:
         """Average in the weights after optimizer step ``step`` (0-based). The decay warms up
         as min(decay, (1 + step) / (10 + step)): with a fixed 0.999 a short run's EMA would
-        still be 90% the random initialisation after 100 steps."""
+        still be 90% the random initialisation after 100 steps.
+
+        ``apply``: a 0-dim bool tensor on the model's device; False leaves the averages as
+        they are (a skipped update), decided on the device without a host read."""
         params = dict(model.named_parameters())
         for decay, shadow in zip(self.decays, self.shadows):
             d = min(decay, (1.0 + step) / (10.0 + step))
             keys = list(shadow)
+            weight = 1.0 - d if apply is None else apply.float() * (1.0 - d)
             torch._foreach_lerp_([shadow[k] for k in keys],
-                                 [params[k].detach().float() for k in keys], 1.0 - d)
+                                 [params[k].detach().float() for k in keys], weight)
 
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         with torch.no_grad():
@@ -152,6 +144,33 @@ class EMA:
                     raise ValueError(f"EMA state {i}.{n}: shape {tuple(state[f'{i}.{n}'].shape)}"
                                      f", the model has {tuple(s[n].shape)}")
                 s[n].copy_(state[f"{i}.{n}"])
+
+
+class Meter:
+    """Means of per-step device scalars (loss statistics), read on the host only when asked:
+    one transfer per read instead of one per statistic and step."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.count: Optional[torch.Tensor] = None
+
+    def add(self, stats: dict, weight: torch.Tensor) -> None:
+        """Add ``stats`` (0-dim tensors) if ``weight`` (0-dim bool tensor) is True."""
+        for k, v in stats.items():
+            v = torch.where(weight, v.float(), torch.zeros_like(v, dtype=torch.float32))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        w = weight.float()
+        self.count = w if self.count is None else self.count + w
+
+    def read(self) -> dict:
+        """{name: mean over the counted steps} (NaN when none counted); then reset."""
+        if self.count is None:
+            return {}
+        keys = list(self.sums)
+        vals = torch.stack([self.sums[k] for k in keys] + [self.count]).tolist()
+        n = vals.pop()
+        self.sums, self.count = {}, None
+        return {k: (v / n if n else float("nan")) for k, v in zip(keys, vals)}
 
 
 def save_ema(ckpt: Path, ema: EMA) -> None:

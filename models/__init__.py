@@ -45,7 +45,8 @@ def build(cfg) -> nn.Module:
                     num_res_blocks=cfg.num_res_blocks,
                     attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout, **common)
     if cfg.name in SiT_models:
-        return SiT_models[cfg.name](edge_mode=cfg.edge_mode, **common)
+        return SiT_models[cfg.name](edge_mode=cfg.edge_mode,
+                                    grad_checkpointing=cfg.grad_checkpointing, **common)
     raise ValueError(f"unknown model.name {cfg.name!r}; known: {', '.join(list_models())}")
 
 

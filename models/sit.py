@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import Mlp, PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor
@@ -99,8 +100,12 @@ class SiT(nn.Module):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, num_classes: int = 0, edge_channels: int = 0,
                  edge_size: int = 0, edge_mode: str = "add", time_embed: str = "sum",
-                 time_scale: float = 1.0, prediction: str = "u", x_pred_t_min: float = 0.05):
+                 time_scale: float = 1.0, prediction: str = "u", x_pred_t_min: float = 0.05,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        # Recompute each block in the backward pass instead of keeping its activations. Only
+        # where a graph is recorded: the objective's JVP runs under no_grad, so it is unaffected.
+        self.grad_checkpointing = grad_checkpointing
         self.prediction, self.x_pred_t_min = check_prediction(prediction, x_pred_t_min)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of the patch size "
@@ -197,8 +202,12 @@ class SiT(nn.Module):
             # No edge map: null edge tokens (positions only) keep the sequence the same.
             e = self.edge_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x, e], dim=1)
+        remat = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c)                                                 # [B, N(+N), D]
+            if remat:
+                x = checkpoint(block, x, c, use_reentrant=False)            # [B, N(+N), D]
+            else:
+                x = block(x, c)                                             # [B, N(+N), D]
         x = self.final_layer(x[:, :n], c)                                   # [B, N, p*p*C]
         out = self.unpatchify(x)                                            # [B, C, H, W]
         return to_velocity(out, z, t, self.prediction, self.x_pred_t_min)

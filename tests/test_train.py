@@ -138,9 +138,19 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, dataset):
     res = train(cfg, tmp_path / "stop", "train.max_nonfinite=2",
                 MEANFLOW_INJECT_NAN_STEPS="3,4,5")
     assert res.returncode == 3
-    assert "2 consecutive non-finite steps" in res.stdout
+    # the streak is read at sync points (here the end of the run): 3 in a row by then
+    assert "3 consecutive non-finite steps (train.max_nonfinite=2)" in res.stdout
     ckpts = sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir())
     assert ckpts == ["step_0000003"]                        # the last good one, intact
+    assert f"The last good checkpoint, {tmp_path / 'stop' / 'checkpoints' / ckpts[0]}" in res.stdout
+
+    # before any checkpoint there is none to speak of
+    res = train(cfg, tmp_path / "early", "train.max_nonfinite=2", "train.sync_every=2",
+                MEANFLOW_INJECT_NAN_STEPS="0,1")
+    assert res.returncode == 3
+    assert "2 consecutive non-finite steps" in res.stdout
+    assert "No checkpoint was written yet" in res.stdout and "intact" not in res.stdout
+    assert not (tmp_path / "early" / "checkpoints").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
