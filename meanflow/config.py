@@ -182,6 +182,11 @@ class Config:
         if not self.train.ema_decays or not all(0.0 < d < 1.0 for d in self.train.ema_decays):
             raise ConfigError(f"train.ema_decays must be numbers in (0, 1), got "
                               f"{self.train.ema_decays}")
+        if self.model.grad_checkpointing and self.meanflow.jvp_mode == "joint":
+            # the joint pass records the tangent computation in the graph; a recomputation in
+            # the backward pass has no tangents and saves other tensors (checkpoint refuses)
+            raise ConfigError("model.grad_checkpointing needs meanflow.jvp_mode=split (the "
+                              "joint JVP pass cannot be recomputed in the backward pass)")
         if any(int(m) < 1 for m in self.model.channel_mults):
             raise ConfigError(f"model.channel_mults must be positive, got "
                               f"{self.model.channel_mults}")

@@ -120,9 +120,14 @@ class EMA:
         for decay, shadow in zip(self.decays, self.shadows):
             d = min(decay, (1.0 + step) / (10.0 + step))
             keys = list(shadow)
-            weight = 1.0 - d if apply is None else apply.float() * (1.0 - d)
-            torch._foreach_lerp_([shadow[k] for k in keys],
-                                 [params[k].detach().float() for k in keys], weight)
+            avg, cur = [shadow[k] for k in keys], [params[k].detach().float() for k in keys]
+            if apply is None:
+                torch._foreach_lerp_(avg, cur, 1.0 - d)
+            else:
+                # avg += w (cur - avg) with w a device tensor: lerp would read it on the host
+                delta = torch._foreach_sub(cur, avg)
+                torch._foreach_mul_(delta, apply.float() * (1.0 - d))
+                torch._foreach_add_(avg, delta)
 
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         with torch.no_grad():

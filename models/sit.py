@@ -21,7 +21,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from torch import Tensor
 
-from .layers import (Attention, ConditionEmbedder, check_inputs, check_prediction,
+from .layers import (Attention, ConditionEmbedder, check_inputs, check_prediction, has_tangent,
                      edge_keep_mask, to_velocity, use_fast_jvp_ops, zero_init_)
 
 LN_EPS = 1e-6                  # DiT's LayerNorm epsilon
@@ -202,7 +202,9 @@ class SiT(nn.Module):
             # No edge map: null edge tokens (positions only) keep the sequence the same.
             e = self.edge_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x, e], dim=1)
-        remat = self.grad_checkpointing and torch.is_grad_enabled()
+        # not through a forward-AD pass with graph (jvp_mode="joint"): its recomputation
+        # would run without tangents; the config refuses that combination
+        remat = self.grad_checkpointing and torch.is_grad_enabled() and not has_tangent(x)
         for block in self.blocks:
             if remat:
                 x = checkpoint(block, x, c, use_reentrant=False)            # [B, N(+N), D]
