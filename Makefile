@@ -8,7 +8,7 @@ START  := $(shell date +%s)
 # Offline by default: nothing here downloads from a model or dataset hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo ablation run fashion bench clean-venv
+.PHONY: setup test demo ablation run fashion bench gpu-check clean-venv
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,12 @@ run: demo
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+# The GPU check (<= 8 min on one GPU, nothing downloaded): bf16 training of both AFHQ configs
+# on every visible GPU, a resume, sharded 1-NFE evaluation with FID; one table + a JSON in
+# runs/gpu_check/. Without a GPU it says so and exits 0.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

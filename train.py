@@ -555,6 +555,8 @@ def main(argv=None) -> int:
             vals.update({"train/grad_norm": float(gnorm), "train/lr": opt.param_groups[0]["lr"],
                          "train/samples_per_s": seen / max(now - t_last, 1e-9),
                          "train/skipped_steps": n_skipped})
+            if device.type == "cuda":
+                vals["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             run.scalars(step, vals)
             if progress is not None:
                 progress.set_postfix(loss=f"{vals.get('train/loss', 0):.3f}",

@@ -1,0 +1,259 @@
+"""GPU check: the whole pipeline on this machine's GPUs in a few minutes, nothing downloaded.
+
+    make gpu-check                       # = python bench/gpu_check.py
+    python bench/gpu_check.py --out runs/gpu_check --steps 100 --fid-n 500
+    python bench/gpu_check.py --tiny-cpu # the same logic on the CPU with tiny models (tests)
+
+It writes its own data: synthetic photos (shapes on gradients) cached through a random-weight
+AutoencoderKL with the Stable Diffusion VAE's architecture, with Canny edges. Then, on every
+visible GPU through the real entry points:
+
+1. ``accelerate launch train.py`` for ``configs/afhq_unet.yaml`` and ``configs/afhq_sit_b2.yaml``
+   in bf16, ``--steps`` optimizer steps each, and the same again as flow matching
+   (``meanflow.ratio_r_neq_t=0``) for the MeanFlow / flow-matching step-time ratio at the
+   configs' 25% r != t;
+2. a resume of the U-Net run to ``--steps`` + 20 (it must say where it resumed);
+3. ``torchrun evaluate.py``: 1-NFE samples sharded over the GPUs, FID at N = ``--fid-n``
+   (against the cached real test images; the number checks the path, not the model);
+
+then prints one table (images/s, step time, peak GPU memory per config, the ratio, the resume,
+the FID) and writes it as JSON. On a machine without CUDA it says so in one line and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+CONFIGS = ("afhq_unet", "afhq_sit_b2")
+# --tiny-cpu: the same runs with models and data small enough for a test on two CPU cores
+TINY_MODEL = {
+    "afhq_unet": ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+                  "model.attn_resolutions=[4]"],
+    "afhq_sit_b2": ["model.name=SiT-S/4"],
+}
+
+
+class CheckError(RuntimeError):
+    """A stage of the check failed; the message names it and holds the end of its log."""
+
+
+def synthetic_images(root: Path, split: str, n: int, size: int, seed: int) -> None:
+    """``n`` RGB images of coloured shapes on gradients under ``root/split/<class>/``."""
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    for i in range(n):
+        cls = "ring" if i % 2 else "box"
+        d = root / split / cls
+        d.mkdir(parents=True, exist_ok=True)
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        bg = (a * yy[..., None] + b * (1 - xx[..., None])) / 2 + 40
+        img = Image.fromarray(bg.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x0, y0 = rng.integers(0, size * 3 // 4, 2)
+            w = int(rng.integers(size // 8, size // 3))
+            box = [int(x0), int(y0), int(x0) + w, int(y0) + w]
+            fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (draw.ellipse if cls == "ring" else draw.rectangle)(box, outline=fill, width=3,
+                                                                fill=None if i % 3 else fill)
+        img.save(d / f"{i:05d}.png")
+
+
+def random_vae(folder: Path, tiny: bool) -> Path:
+    """A random-weight AutoencoderKL saved with ``save_pretrained``: the SD VAE's architecture
+    (4 latent channels, downsampling 8, scaling 0.18215), or a narrow one for --tiny-cpu."""
+    import torch
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    ch = (8, 8, 8, 8) if tiny else (128, 256, 512, 512)
+    blocks = len(ch)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=ch, layers_per_block=1 if tiny else 2,
+                        down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks,
+                        norm_num_groups=4 if tiny else 32, sample_size=256,
+                        scaling_factor=0.18215)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def sh(cmd: list[str], what: str, log: Path, timeout: int) -> str:
+    """Run a stage; its output goes to ``log`` and is returned. A failure raises CheckError."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise CheckError(f"{what}: no result after {timeout} s") from e
+    text = res.stdout + res.stderr
+    log.write_text(" ".join(cmd) + "\n\n" + text)
+    if res.returncode != 0:
+        raise CheckError(f"{what} failed (exit {res.returncode}, {time.time() - t0:.0f} s); "
+                         f"log {log}:\n{text[-2500:]}")
+    return text
+
+
+def launcher(n_gpus: int, tiny: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", "no" if tiny else "bf16"]
+    if tiny:
+        return cmd + ["--cpu", "--num_processes", "1"]
+    if n_gpus > 1:
+        cmd += ["--multi_gpu"]
+    return cmd + ["--num_processes", str(n_gpus)]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """Throughput (after the first logged interval: start-up and autotuning) and peak memory."""
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    rate = [float(r["train/samples_per_s"]) for r in rows if r.get("train/samples_per_s")]
+    steady = rate[1:] or rate
+    peak = [float(r["train/peak_mem_gb"]) for r in rows if r.get("train/peak_mem_gb")]
+    return dict(images_per_s=float(np.median(steady)) if steady else float("nan"),
+                peak_mem_gb=max(peak) if peak else float("nan"),
+                last_loss=float(rows[-1]["train/loss"]) if rows else float("nan"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per training run")
+    ap.add_argument("--fid-n", type=int, default=500, help="samples for the FID")
+    ap.add_argument("--tiny-cpu", action="store_true",
+                    help="run the check's logic on the CPU with tiny models and data")
+    a = ap.parse_args(argv)
+
+    import torch
+    if not a.tiny_cpu and not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU on this machine; nothing to check (use --tiny-cpu to "
+              "run its logic on the CPU)")
+        return 0
+    tiny = a.tiny_cpu
+    n_gpus = 1 if tiny else torch.cuda.device_count()
+    size = 64 if tiny else 256
+    steps = a.steps
+    fid_n = a.fid_n
+    out = a.out.resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    device = "cpu" if tiny else torch.cuda.get_device_name(0)
+    print(f"gpu-check: {n_gpus} x {device}; {steps} steps per run; FID at N = {fid_n}",
+          flush=True)
+
+    # ---- data: synthetic photos -> random SD-VAE latents + Canny edges ----------------------
+    data = out / "data"
+    if not (data / "test" / "data.mdb").is_file():
+        imgs = out / "images"
+        synthetic_images(imgs, "train", max(64, fid_n), size, seed=0)
+        synthetic_images(imgs, "test", fid_n, size, seed=1)
+        vae = random_vae(out / "vae", tiny)
+        sh([sys.executable, "preprocess/cache.py", "--input", str(imgs), "--output", str(data),
+            "--image-size", str(size), "--codec", "sd-vae", "--vae", str(vae),
+            "--edges", "canny", "--workers", "2"], "cache", logs / "cache.log", 1200)
+
+    def train(cfg: str, tag: str, *extra: str, resume: bool = False) -> tuple[str, float]:
+        run_dir = out / "runs" / tag
+        over = [f"data.path={data}/train", f"data.val_path={data}/test",
+                f"data.image_size={size}", "data.num_workers=2",
+                f"train.log_every={max(1, steps // 5)}", f"train.ckpt_every={steps}",
+                f"train.image_every={steps}", "train.keep_checkpoints=2"]
+        if tiny:
+            over += [f"model.edge_size={size}", f"model.input_size={size // 8}",
+                     "train.batch_size=4", "train.grad_accum=1", "train.mixed_precision=no",
+                     *TINY_MODEL[cfg]]
+        else:
+            over += ["train.mixed_precision=bf16"]
+        t0 = time.time()
+        text = sh([*launcher(n_gpus, tiny), "train.py", "--config", f"configs/{cfg}.yaml",
+                   "--run-dir", str(run_dir), *over, *extra,
+                   *([] if resume else ["--resume", "none"])],
+                  f"train {tag}", logs / f"{tag}{'_resume' if resume else ''}.log", 1200)
+        return text, time.time() - t0
+
+    rows, result = [], dict(gpus=n_gpus, device=device, steps=steps, tiny_cpu=tiny)
+    for cfg in CONFIGS:
+        row = dict(config=cfg)
+        for tag, ratio in ((cfg, None), (f"{cfg}_fm", "0")):
+            extra = [f"train.max_steps={steps}"]
+            if ratio is not None:
+                extra.append(f"meanflow.ratio_r_neq_t={ratio}")
+            if (out / "runs" / tag).exists():
+                import shutil
+                shutil.rmtree(out / "runs" / tag)
+            _, secs = train(cfg, tag, *extra)
+            m = read_metrics(out / "runs" / tag)
+            key = "fm" if ratio is not None else "mf"
+            row[f"{key}_images_per_s"] = m["images_per_s"]
+            row[f"{key}_peak_mem_gb"] = m["peak_mem_gb"]
+            row[f"{key}_wall_s"] = secs
+            row[f"{key}_last_loss"] = m["last_loss"]
+        row["mf_over_fm_step_time"] = row["fm_images_per_s"] / row["mf_images_per_s"]
+        rows.append(row)
+    result["configs"] = rows
+
+    # ---- resume: the U-Net run continued by 20 steps ----------------------------------------
+    text, _ = train(CONFIGS[0], CONFIGS[0], f"train.max_steps={steps + 20}", resume=True)
+    m = re.search(r"resumed from \S+ at step (\d+)", text)
+    done = sorted((out / "runs" / CONFIGS[0] / "checkpoints").glob("step_*"))
+    result["resume"] = dict(from_step=int(m.group(1)) if m else None,
+                            final_checkpoint=done[-1].name if done else None)
+    if not m or int(m.group(1)) != steps or not done or not done[-1].name.endswith(
+            f"{steps + 20:07d}"):
+        raise CheckError(f"resume: expected to resume at step {steps} and end at "
+                         f"{steps + 20}; got {result['resume']} (log {logs})")
+
+    # ---- sharded 1-NFE evaluation with FID ----------------------------------------------------
+    ev = out / "eval"
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(n_gpus), "evaluate.py", "--ckpt", str(out / "runs" / CONFIGS[0]),
+           "--data", f"{data}/test", "--steps", "1", "--fid", "--num-samples", str(fid_n),
+           "--no-png", "--no-edge-f1", "--out", str(ev)]
+    sh(cmd, "evaluate", logs / "evaluate.log", 1200)
+    res = json.loads((ev / "results.json").read_text())["results"][0]
+    result["evaluate"] = dict(n=fid_n, fid=res.get("fid"), wall_s=time.time() - t0,
+                              seconds_per_image=res.get("seconds_per_image"))
+    result["total_wall_s"] = time.time() - t_all
+
+    # ---- report ------------------------------------------------------------------------------
+    lines = [f"gpu-check: {n_gpus} x {device}, " + ("tiny CPU mode, fp32" if tiny else "bf16"),
+             "| config | MeanFlow img/s | flow matching img/s | MF / FM step time | "
+             "peak GB (MF) | peak GB (FM) | final loss |", "|" + "---|" * 7]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['mf_images_per_s']:.1f} | {r['fm_images_per_s']:.1f}"
+                     f" | {r['mf_over_fm_step_time']:.2f} | {r['mf_peak_mem_gb']:.2f} | "
+                     f"{r['fm_peak_mem_gb']:.2f} | {r['mf_last_loss']:.3f} |")
+    e = result["evaluate"]
+    lines.append(f"resume: from step {result['resume']['from_step']} to "
+                 f"{result['resume']['final_checkpoint']}; evaluate on {n_gpus} process(es): "
+                 f"FID {e['fid']:.2f} at N = {e['n']} (random-weight model: checks the path), "
+                 f"{e['wall_s']:.0f} s; total {result['total_wall_s']:.0f} s")
+    print("\n".join(lines))
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print(f"written {out / 'gpu_check.json'} and gpu_check.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CheckError as err:
+        print(f"gpu-check: {err}", file=sys.stderr)
+        sys.exit(1)
