@@ -178,6 +178,38 @@ def set_backend_flags(tc, device: torch.device) -> None:
         torch.backends.cudnn.conv.fp32_precision = prec
 
 
+def check_shared_run_dir(accelerator, run_dir: Path) -> None:
+    """Refuse a run folder that the processes do not all see.
+
+    The main process writes checkpoints (and renames them complete) and every process reads
+    them back on resume, so the run folder must be on a filesystem shared by all nodes (NFS,
+    Lustre, a cloud volume mounted on each). On separate local disks the other nodes would
+    never see a complete checkpoint. The main process writes a probe file; every process
+    looks for it; the hosts that cannot see it are named.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import socket
+    import uuid
+    from accelerate.utils import broadcast_object_list, gather_object
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = run_dir / f".shared_check_{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text(socket.gethostname())
+    accelerator.wait_for_everyone()
+    blind = gather_object([None if probe.is_file() else
+                           f"rank {accelerator.process_index} on {socket.gethostname()}"])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [b for b in blind if b]
+    if blind:
+        raise RuntimeError(f"--run-dir {run_dir} is not shared by every process: "
+                           f"{', '.join(blind)} cannot see the file the main process wrote "
+                           f"there. Put the run folder on a filesystem every node mounts")
+
+
 # --------------------------------------------------------------------------------------------
 # Model, optimizer, EMA
 # --------------------------------------------------------------------------------------------
@@ -375,6 +407,11 @@ def main(argv=None) -> int:
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_shared_run_dir(accelerator, run_dir)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ckpt_dir = run_dir / "checkpoints"
     run = Run(accelerator, run_dir)
     if accelerator.is_main_process:

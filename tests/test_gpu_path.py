@@ -388,3 +388,60 @@ def test_sampling_on_the_local_rank_gpu_stays_there():
         assert out.device == torch.device("cuda:1")
         with pytest.raises(RuntimeError, match="same device"):
             sample(net, noise.to("cuda:0"), 1, edge=edge.to("cuda:0"))
+
+
+# --------------------------------------------------------------------------------------------
+# Many nodes: the run folder must be shared
+# --------------------------------------------------------------------------------------------
+class TwoNodes:
+    """Two processes whose main process writes to a folder the other one cannot see."""
+
+    num_processes = 2
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_run_folder_not_shared_between_nodes_is_refused(tmp_path, monkeypatch):
+    import accelerate.utils as au
+    for shared in (True, False):
+        acc = TwoNodes(shared)
+        monkeypatch.setattr(au, "broadcast_object_list", lambda objs: objs)
+        # rank 1's view: the probe exists only if the folder is shared
+        monkeypatch.setattr(au, "gather_object", lambda mine, a=acc: mine + (
+            [None] if a.shared else ["rank 1 on node-b"]))
+        if shared:
+            train.check_shared_run_dir(acc, tmp_path)
+        else:
+            with pytest.raises(RuntimeError, match="not shared by every process: rank 1 on "
+                                                   "node-b cannot see"):
+                train.check_shared_run_dir(acc, tmp_path)
+        assert not list(tmp_path.glob(".shared_check_*"))          # the probe is cleaned up
+
+
+def test_channels_last_model_checkpoints_and_exports(monkeypatch, tmp_path):
+    """The CUDA U-Net runs channels_last: its EMA and export must still save and reload."""
+    import models
+    from meanflow.training import load_export, save_ema, export_model
+    cfg = tiny_cfg(fused_optimizer=True)
+    monkeypatch.setattr(train, "uses_channels_last", lambda cfg, device: True)
+
+    class CPUAccelerator(MetaAccelerator):
+        device = torch.device("cpu")
+
+    acc = CPUAccelerator()
+    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+    train.train_step(model, fwd, opt, ema, MeanFlowLoss(cfg.meanflow), [fake_batch()], 0,
+                     accelerator=acc, cfg=cfg, world=1, rank=0, channels_last=True)
+    (tmp_path / "ck").mkdir()
+    save_ema(tmp_path / "ck", ema)
+    export_model(tmp_path / "ex", model, cfg, {"codec": "pixel"}, 1, 0.9)
+    net, _ = load_export(tmp_path / "ex")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
