@@ -62,4 +62,10 @@ def test_norms_run_in_float32_under_bf16_autocast():
         assert h.dtype == torch.bfloat16
         p, t = _dual(lambda z: J.group_norm(z, 5, None, None), h, torch.randn_like(h))
     assert p.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
-    assert torch.isfinite(t.float()).all()
+    # the statistics were computed in float32: the same as a float32 group norm (and its
+    # tangent) of the bf16 input, rounded to bf16 once at the end
+    tan = torch.randn_like(h)
+    p, t = _dual(lambda z: J.group_norm(z, 5, None, None), h, tan)
+    p32, t32 = _dual(lambda z: F.group_norm(z, 5), h.float(), tan.float())
+    assert torch.equal(p, p32.bfloat16())
+    assert torch.allclose(t.float(), t32, rtol=1e-2, atol=1e-2)
