@@ -289,7 +289,7 @@ def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro
         seed_rng(mix_seed(tc.seed, rank, step, micro), device)   # dropout
         with accelerator.accumulate(model):
             out = loss_fn(forward_model, x, edge, label, noise=noise, r=d.r, t=d.t,
-                          keep=d.keep, neq_idx=d.neq_idx)
+                          keep=d.keep, neq_idx=d.neq_idx, alpha=cfg.meanflow.alpha_at(step))
             loss = out.loss * float("nan") if nan else out.loss
             accelerator.backward(loss)
             if micro == n_micro - 1:
@@ -423,9 +423,25 @@ def main(argv=None) -> int:
             run.print("note: the config differs from the run's previous one: " + "; ".join(diff))
         save_config(cfg, run_dir / "config.yaml")
 
+    if tc.init_from and not list_checkpoints(ckpt_dir):
+        from meanflow.warmstart import WarmStartError, init_from
+        try:
+            run.print(init_from(model, tc.init_from))
+        except WarmStartError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    teacher = None
+    if cfg.meanflow.teacher:
+        from meanflow.training import load_export
+        try:
+            teacher, _ = load_export(cfg.meanflow.teacher, device)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: meanflow.teacher: {e}", file=sys.stderr)
+            return 2
+        teacher.requires_grad_(False)
     model, opt, ema, forward_model = prepare_training(accelerator, model, cfg)
     # input values are checked on the first step (each check waits for the device)
-    loss_fn = MeanFlowLoss(cfg.meanflow, check_values=True)
+    loss_fn = MeanFlowLoss(cfg.meanflow, check_values=True, teacher=teacher)
     n_neq = round(cfg.meanflow.ratio_r_neq_t * tc.batch_size)
     if world > 1 and n_neq and math.gcd(tc.batch_size, n_neq) % world:
         run.print(f"note: {n_neq} r != t samples per batch of {tc.batch_size} cannot be split "

@@ -41,9 +41,12 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_ope
 class MeanFlowConfig:
     """The MeanFlow objective (Geng et al. 2025). Names follow the paper's notation."""
 
-    time_dist: str = _f("logit_normal", choices=("logit_normal", "uniform"),
-                        doc="distribution of the two time draws before sorting")
+    time_dist: str = _f("logit_normal", choices=("logit_normal", "uniform", "dmf"),
+                        doc="distribution of the two time draws before sorting; dmf: two "
+                            "logit-normals of means time_mu and time_mu_r (Decoupled "
+                            "MeanFlow), longer r != t intervals")
     time_mu: float = _f(-0.4, doc="logit-normal mean")
+    time_mu_r: float = _f(-1.2, doc="time_dist=dmf: mean of the second logit-normal")
     time_sigma: float = _f(1.0, lo=0.0, lo_open=True, doc="logit-normal std")
     ratio_r_neq_t: float = _f(0.25, lo=0.0, hi=1.0,
                               doc="fraction of samples with r != t (0 = plain flow matching)")
@@ -63,9 +66,37 @@ class MeanFlowConfig:
                           "u(z_t, t, t) of the marginal velocity (improved MeanFlow, "
                           "Geng et al. 2025b): a JVP term free of the sample's noise, "
                           "for one more no-grad forward on the r != t samples")
+    alpha_steps: int = _f(0, lo=0, doc="AlphaFlow curriculum: over these optimizer steps "
+                                       "(from alpha_start) alpha falls from 1 (flow matching) "
+                                       "to 0 on a sigmoid; while alpha > alpha_min the r != t "
+                                       "target is alpha v + (1 - alpha) u(z - d v, r, t - d), "
+                                       "no JVP. 0 = off")
+    alpha_start: int = _f(0, lo=0, doc="AlphaFlow: first step of the ramp")
+    alpha_min: float = _f(5e-3, lo=0.0, hi=1.0, doc="AlphaFlow: below it the JVP target "
+                                                    "takes over")
+    teacher: str = _f("", doc="export/run folder of a flow-matching model whose velocity "
+                              "v_hat(z_t, t | c) replaces e - x in the tangent and the "
+                              "target (MeanFlow Transformers with RAE); '' = off")
+    fd_delta: float = _f(0.0, lo=0.0, hi=0.1, doc="> 0: du/dt by a central finite difference "
+                                                  "with this step instead of the JVP")
     jvp_mode: str = _f("split", choices=("split", "joint"),
                        doc="split: no-grad JVP on the r != t samples + one forward with graph "
                            "(flow-matching memory); joint: one forward-mode pass with graph")
+
+    def alpha_at(self, step: int) -> float:
+        """AlphaFlow's alpha at optimizer step ``step``: 1 before alpha_start, a sigmoid down to
+        0 over alpha_steps, and 0 (the MeanFlow JVP target) once below alpha_min or when off."""
+        if self.alpha_steps <= 0:
+            return 0.0
+        frac = (step - self.alpha_start) / self.alpha_steps
+        if frac <= 0.0:
+            return 1.0
+        if frac >= 1.0:
+            return 0.0
+        sig = lambda x: 1.0 / (1.0 + math.exp(-x))            # noqa: E731
+        k = 12.0                                               # steepness of the ramp
+        a = (sig(-k * (frac - 0.5)) - sig(-k / 2)) / (sig(k / 2) - sig(-k / 2))
+        return a if a > self.alpha_min else 0.0
 
     def ratio_at(self, step: int) -> float:
         """The fraction of r != t samples at optimizer step ``step`` (0-based)."""
@@ -74,6 +105,8 @@ class MeanFlowConfig:
         return self.ratio_r_neq_t * step / self.ratio_warmup_steps
 
     def validate(self) -> None:
+        if self.fd_delta > 0 and self.jvp_mode == "joint":
+            raise ConfigError("meanflow.fd_delta needs meanflow.jvp_mode=split")
         if self.cfg_t_min > self.cfg_t_max:
             raise ConfigError(f"meanflow.cfg_t_min ({self.cfg_t_min}) > meanflow.cfg_t_max "
                               f"({self.cfg_t_max})")
@@ -166,6 +199,10 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, lo=1)
     max_nonfinite: int = _f(20, lo=1, doc="consecutive non-finite losses before the run stops")
     num_val: int = _f(8, lo=1, doc="size of the fixed validation batch for image grids")
+    init_from: str = _f("", doc="warm start for a new run: an export, run folder or checkpoint "
+                                "of this project (e.g. a flow-matching run), or an official "
+                                "DiT/SiT state dict (.pt/.pth/.safetensors); '' = random init. "
+                                "A resumed run ignores it")
 
 
 @dataclass

@@ -90,6 +90,12 @@ def sample_times(cfg: MeanFlowConfig, batch: int, device: torch.device | str = "
     if cfg.time_dist == "logit_normal":
         n = torch.randn(shape, device=device, generator=generator)
         s = torch.sigmoid(n * cfg.time_sigma + cfg.time_mu)
+    elif cfg.time_dist == "dmf":
+        # Decoupled MeanFlow: the two draws come from logit-normals with different means, so
+        # the r != t pairs span long intervals (r near 0 with t near 1) more often
+        n = torch.randn(shape, device=device, generator=generator)
+        mu = torch.tensor([cfg.time_mu, cfg.time_mu_r], device=device).view(2, 1)
+        s = torch.sigmoid(n * cfg.time_sigma + mu)
     else:
         s = torch.rand(shape, device=device, generator=generator)
     t = torch.maximum(s[0], s[1])
@@ -188,7 +194,8 @@ def _select(cond: dict, idx: Tensor) -> dict:
 
 def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     jvp_mode: str = "split", tangent: str = "sample",
-                    neq_idx: Optional[Tensor] = None, **cond) -> tuple[Tensor, Tensor]:
+                    neq_idx: Optional[Tensor] = None, alpha: float = 0.0,
+                    fd_delta: float = 0.0, **cond) -> tuple[Tensor, Tensor]:
     """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
 
     du/dt is the JVP of ``model`` along the tangent (w, 0, 1) of (z, r, t). ``v`` is the
@@ -202,6 +209,13 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
           give the same target in expectation once u(z, t, t) has learned E[v | z_t] (which
           the r = t samples train); "model" drops the noise of e - x from the JVP term.
           Costs one no-grad forward on the r != t samples.
+
+    alpha > 0 (AlphaFlow, Zhang et al. 2025): no JVP; the r != t samples get the
+      trajectory target  alpha v + (1 - alpha) u_theta(z - d v, r, t - d),  d = alpha (t - r),
+      from one no-grad forward. alpha = 1 is flow matching at every (r, t); alpha -> 0 is the
+      MeanFlow identity (Eq. 6) as a finite difference, where the JVP takes over.
+    fd_delta > 0: du/dt by a central finite difference along (w, 0, 1) under no_grad, two
+      plain forwards instead of a JVP (MeanFlow Transformers with RAE); split mode only.
 
     jvp_mode:
       "split" (default): the JVP runs without a graph (``no_grad``), on the samples with
@@ -226,6 +240,14 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     # need a tangent (and, in split mode, a JVP).
     z_s, r_s, t_s, c_s = z[idx], r[idx], t[idx], _select(cond, idx)
     w_s = v[idx]
+    if alpha > 0.0:                                     # AlphaFlow: a no-grad forward, no JVP
+        tgt = v.to(out_dtype).clone()
+        if idx.numel() > 0:
+            d = alpha * (t_s - r_s)
+            with torch.no_grad():
+                u2 = unwrap(model)(z_s - _bcast(d, z_s) * w_s.to(z.dtype), r_s, t_s - d, **c_s)
+            tgt[idx] = alpha * w_s.to(out_dtype) + (1.0 - alpha) * u2.to(out_dtype)
+        return model(z, r, t, **cond).to(out_dtype), tgt.detach()
     if tangent == "model" and idx.numel() > 0:
         with torch.no_grad():
             w_s = unwrap(model)(z_s, t_s, t_s, **c_s).to(v.dtype)
@@ -238,7 +260,14 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     dudt = torch.zeros(z.shape, dtype=out_dtype, device=z.device)
     if idx.numel() > 0:
         with torch.no_grad():
-            _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
+            if fd_delta > 0.0:
+                inner, dz = unwrap(model), fd_delta * w_s.to(z.dtype)
+                # t + delta may pass 1: the network is smooth in t, 1 is not a wall for it
+                hi = inner(z_s + dz, r_s, t_s + fd_delta, **c_s).to(out_dtype)
+                lo = inner(z_s - dz, r_s, t_s - fd_delta, **c_s).to(out_dtype)
+                d = (hi - lo) / (2.0 * fd_delta)
+            else:
+                _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
         dudt[idx] = d.to(out_dtype)
     u = model(z, r, t, **cond).to(out_dtype)
     return u, (v.to(out_dtype) - h * dudt).detach()
@@ -290,8 +319,11 @@ class MeanFlowLoss:
     flow matching with the same network, weighting and guidance (the paper's ablation).
     """
 
-    def __init__(self, cfg: MeanFlowConfig | None = None, check_values: bool = True):
+    def __init__(self, cfg: MeanFlowConfig | None = None, check_values: bool = True,
+                 teacher: Optional[Model] = None):
         self.cfg = cfg or MeanFlowConfig()
+        # a frozen flow-matching network v_hat(z, t, t | c): replaces e - x (meanflow.teacher)
+        self.teacher = teacher
         # Value checks (finite inputs, times in [0, 1], r <= t) read device tensors on the
         # host, i.e. wait for the GPU: train.py runs them on its first step only.
         self.check_values = check_values
@@ -338,6 +370,7 @@ class MeanFlowLoss:
                  label: Optional[Tensor] = None, *, noise: Optional[Tensor] = None,
                  r: Optional[Tensor] = None, t: Optional[Tensor] = None,
                  keep: Optional[Tensor] = None, neq_idx: Optional[Tensor] = None,
+                 alpha: float = 0.0,
                  generator: torch.Generator | None = None) -> LossOutput:
         """One MeanFlow loss evaluation on a batch of clean data ``x`` [B, ...].
 
@@ -370,9 +403,14 @@ class MeanFlowLoss:
         z = (1.0 - tb) * x + tb * noise                                    # Eq. 1
         v = noise - x                                                      # Eq. 2
         cond = dict(edge=edge, label=label, keep=keep)
+        if self.teacher is not None:
+            # MeanFlow Transformers with RAE: the teacher's velocity, an estimate of the
+            # conditional mean E[v | z_t, c], has far less variance than e - x
+            with torch.no_grad():
+                v = self.teacher(z, t, t, **cond).to(v.dtype)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
         u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, cfg.tangent,  # Eq. 10
-                                   neq_idx, **cond)
+                                   neq_idx, alpha, cfg.fd_delta, **cond)
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2
