@@ -267,7 +267,9 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         lock = RunLock(run_dir)
         try:
-            lock.acquire()
+            note = lock.acquire()
+            if note:
+                print(note, file=sys.stderr, flush=True)
             atexit.register(lock.release)
         except RunLockedError as e:
             problem = str(e)
@@ -362,10 +364,9 @@ def main(argv=None) -> int:
         final = ckpt_dir / ckpt_name(at)
         tmp = ckpt_dir / (ckpt_name(at) + ".tmp")
         failure = None
+        # no collective inside the try: a rank that fails must not leave the others waiting
+        # (save_state makes the folder on every rank and has no barrier of its own here)
         try:
-            if accelerator.is_main_process:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-            accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp), safe_serialization=True)
             if accelerator.is_main_process:
                 # the EMAs in safetensors, and the export's config: evaluate.py takes a

@@ -69,12 +69,18 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: Optional[int] = None
 
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`RunLockedError` naming the process that holds it."""
+    def acquire(self) -> Optional[str]:
+        """Take the lock or raise :class:`RunLockedError` naming the process that holds it.
+        Returns a warning when the file system cannot lock (some network mounts): the run
+        then goes on unguarded rather than not at all."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                return (f"warning: {self.path.parent} cannot be locked ({e.strerror}): nothing "
+                        f"stops a second trainer on this run folder")
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 os.close(fd)
                 raise
@@ -89,6 +95,7 @@ class RunLock:
         now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {now}\n".encode(), 0)
         self._fd = fd
+        return None
 
     def release(self) -> None:
         """Drop the lock (it also goes when the process ends)."""
@@ -222,7 +229,13 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
     have = export_step(export_dir)
     if have == step:
         return None
-    state = load_file(str(Path(ckpt) / MODEL_FILE))
+    # accelerate saves the prepared model as it is wrapped: DDP's "module." (and a compiled
+    # model's "_orig_mod.") prefix the keys; the export holds the bare model's
+    state = {}
+    for k, v in load_file(str(Path(ckpt) / MODEL_FILE)).items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        state[k] = v
     ema_file = Path(ckpt) / EMA_FILE
     if ema_file.is_file():
         ema0 = {k[2:]: v for k, v in load_file(str(ema_file)).items() if k.startswith("0.")}
