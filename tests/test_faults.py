@@ -11,6 +11,7 @@ clear line naming the culprit. docs/reliability.md lists them with what survives
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -78,7 +79,6 @@ def test_cache_keeps_a_non_utf8_file_name_and_reports_a_symlink_loop(tmp_path):
     res = run(args)
     assert res.returncode == 0, res.stderr[-3000:]
     from meanflow.data import LMDBDataset
-    import json
     report = json.loads((out / "train" / "report.json").read_text())
     # the loop is listed with its reason, not dropped; the three images are all kept
     assert [f["key"] for f in report["failed"]] == ["train/cat/loop"]
