@@ -14,6 +14,7 @@ uninterrupted run. SIGTERM / SIGINT save a checkpoint and exit cleanly.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import math
 import os
@@ -21,35 +22,44 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from meanflow.config import Config, ConfigError, load_config, save_config, to_dict  # noqa: E402
+from meanflow.config import Config, ConfigError, config_help, load_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
 from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, Meter, SeededItems,  # noqa: E402
                                ShardedEpochSampler, ckpt_name, export_config, export_model,
-                               list_checkpoints, load_ema, lr_at, mix_seed,
-                               prune_checkpoints, save_ema)
+                               list_checkpoints, load_ema, lr_at, mix_seed, prune_checkpoints,
+                               save_ema)
+from meanflow.rundir import (CheckpointError, RunLock, RunLockedError,  # noqa: E402
+                             checkpoint_step, occupied, pick_checkpoint, save_failure_message,
+                             set_aside, sync_export, verify_checkpoint, write_run_config)
 
 # Test aids (the test suite uses them to inject faults at known points):
 NAN_ENV = "MEANFLOW_INJECT_NAN_STEPS"    # comma-separated optimizer steps whose loss is NaN
 KILL_ENV = "MEANFLOW_KILL_AFTER_STEP"    # hard exit (as if killed) once this step is done
+GRID_FAIL_ENV = "MEANFLOW_FAIL_VALIDATION_GRID"   # "1": the validation grid raises (a decode error)
+SAVE_FAILED = 4                          # exit code: a checkpoint could not be written
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=config_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file in configs/")
     ap.add_argument("--run-dir", default=None,
                     help="output folder (default runs/<config name>)")
     ap.add_argument("--resume", default="auto",
-                    help="'auto' (latest checkpoint in the run dir, if any), 'none', or a "
+                    help="'auto' (latest loadable checkpoint in the run dir, if any), 'none' "
+                         "(start afresh: only into a run dir without checkpoints), or a "
                          "checkpoint folder")
     ap.add_argument("--dry-run", action="store_true",
-                    help="print the resolved config, parameter count and dataset size; exit")
+                    help="print the resolved config, parameter count and dataset size; exit "
+                         "(works before the dataset is cached)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=3e-4")
     return ap.parse_args(argv)
 
@@ -89,8 +99,8 @@ class Run:
                 w.writeheader()
             w.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
-    def image(self, step: int, tag: str, grid: torch.Tensor) -> None:
-        if self.is_main:
+    def image(self, step: int, tag: str, grid: Optional[torch.Tensor]) -> None:
+        if self.is_main and grid is not None:           # None: the grid failed (reported)
             self.tb.add_image(tag, grid, step)
 
     def close(self) -> None:
@@ -313,15 +323,35 @@ def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro
 
 
 @torch.no_grad()
-def validation_grid(model, ema: EMA, val: dict, cfg: Config, decoder) -> torch.Tensor:
-    """[3, H, W] grid, one row per validation sample: edge | ground truth | EMA 1-step | 2-step."""
+def validation_grid(model, ema: EMA, val: dict, cfg: Config, decoder) -> Optional[torch.Tensor]:
+    """[3, H, W] grid, one row per validation sample: edge | ground truth | EMA 1-step | 2-step.
+
+    A failure here (a decode error, say) costs the picture, not the run: it is reported in one
+    line, None is returned, and the model gets its training weights back in every case (the
+    grid samples with the EMA weights copied in)."""
+    was_training = model.training
+    backup = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        return _grid(model, ema, val, cfg, decoder)
+    except Exception as e:  # noqa: BLE001 - any failure of a picture: report and go on
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: the validation grid failed ({type(e).__name__}: {first}); no image "
+              f"this time, training goes on", file=sys.stderr, flush=True)
+        return None
+    finally:
+        for n, p in model.named_parameters():
+            p.copy_(backup[n])
+        model.train(was_training)
+
+
+def _grid(model, ema: EMA, val: dict, cfg: Config, decoder) -> torch.Tensor:
     from meanflow.sampling import sample
     from torchvision.utils import make_grid
 
-    was_training = model.training
-    backup = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema.copy_to(model, 0)
     model.eval()
+    if os.environ.get(GRID_FAIL_ENV) == "1":          # after the EMA swap: the worst moment
+        raise RuntimeError(f"{GRID_FAIL_ENV}=1 (injected decode failure)")
     x, edge, label = val["x"], val["edge"], val["label"]
     cols = []
     if edge is not None:
@@ -330,12 +360,14 @@ def validation_grid(model, ema: EMA, val: dict, cfg: Config, decoder) -> torch.T
     cols.append(decoder(x))
     for steps in (1, 2):
         cols.append(decoder(sample(model, val["noise"], steps, edge=edge, label=label)))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(backup[n])
-    model.train(was_training)
     tiles = torch.stack(cols, 1).flatten(0, 1)          # [N * cols, 3, H, W] row-major
     return make_grid(tiles.float().clamp(-1, 1) * 0.5 + 0.5, nrow=len(cols), padding=1)
+
+
+def all_ok(accelerator, ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective: call it on every rank)."""
+    flag = torch.tensor(float(not ok), device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
 def main(argv=None) -> int:
@@ -385,11 +417,25 @@ def main(argv=None) -> int:
               f"OMP_NUM_THREADS) to use them", flush=True)
 
     # ---- data (metadata read before any worker forks; environments open lazily) ----------
+    # The validation set is checked here too: a mismatch found at the first image step would
+    # cost every step since the last checkpoint.
     from meanflow.data import check_compatible
+    data = val_data = missing = None
     try:
         data = build_data(cfg, cfg.data.path)
         check_compatible(data.meta, cfg.data, cfg.model)
-    except (FileNotFoundError, ValueError) as e:
+        val_data = build_data(cfg, cfg.data.val_path or cfg.data.path)
+        if cfg.data.val_path:
+            try:
+                check_compatible(val_data.meta, cfg.data, cfg.model)
+            except ValueError as e:
+                raise ValueError(f"data.val_path={cfg.data.val_path}: {e}") from None
+    except FileNotFoundError as e:
+        if not args.dry_run:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        missing = str(e)                 # a dry run checks a config before the data exists
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -402,10 +448,14 @@ def main(argv=None) -> int:
             import yaml
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters")
-            print(f"dataset {cfg.data.path}: {len(data)} records; {world} process(es), "
-                  f"{per_rank} per process x {tc.grad_accum} accumulation")
+            if missing is not None:
+                print(f"dataset: MISSING ({missing}); the config and model above are valid")
+            else:
+                print(f"dataset {cfg.data.path}: {len(data)} records; {world} process(es), "
+                      f"{per_rank} per process x {tc.grad_accum} accumulation")
         return 0
 
+    # ---- the run folder: one trainer at a time; never overwrite a run by accident ----------
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         check_shared_run_dir(accelerator, run_dir)
@@ -413,15 +463,28 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ckpt_dir = run_dir / "checkpoints"
+    problem = None
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        try:
+            note = lock.acquire()
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            atexit.register(lock.release)
+        except RunLockedError as e:
+            problem = str(e)
+        if problem is None and args.resume == "none" and occupied(run_dir):
+            problem = (f"--resume none into {run_dir}, which holds "
+                       f"{', '.join(occupied(run_dir))}: training afresh there would overwrite "
+                       f"its export and prune its checkpoints. Pass a new --run-dir to start "
+                       f"over (or --resume auto to continue this run)")
+    if not all_ok(accelerator, problem is None):
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     run = Run(accelerator, run_dir)
     if accelerator.is_main_process:
-        prev = run_dir / "config.yaml"
-        if prev.exists() and load_config(prev) != cfg:
-            old, new = to_dict(load_config(prev)), to_dict(cfg)
-            diff = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new for k in new[s]
-                    if old[s][k] != new[s][k]]
-            run.print("note: the config differs from the run's previous one: " + "; ".join(diff))
-        save_config(cfg, run_dir / "config.yaml")
+        write_run_config(run_dir, cfg, run.print)
 
     if tc.init_from and not list_checkpoints(ckpt_dir):
         from meanflow.warmstart import WarmStartError, init_from
@@ -453,22 +516,33 @@ def main(argv=None) -> int:
     # ---- resume ---------------------------------------------------------------------------
     step, trained_s = 0, 0.0       # trained_s: training wall time of earlier sessions of this run
     if args.resume != "none":
-        ckpts = list_checkpoints(ckpt_dir)
-        path = Path(args.resume) if args.resume != "auto" else (ckpts[-1][1] if ckpts else None)
-        if path is not None:
-            if not (path / COMPLETE).is_file():
-                print(f"error: {path} is not a complete checkpoint", file=sys.stderr)
-                return 2
-            accelerator.load_state(str(path))
-            try:
+        # every file of the checkpoint is opened before anything is loaded: a truncated or
+        # refused file makes --resume auto fall back to the previous checkpoint (one warning
+        # each), and an explicit --resume PATH stop with one line naming the file
+        try:
+            if args.resume == "auto":
+                path, skipped = pick_checkpoint(ckpt_dir, run.print)
+            else:
+                path, skipped = Path(args.resume), []
+                if not (path / COMPLETE).is_file():
+                    raise CheckpointError(f"{path} is not a complete checkpoint")
+                verify_checkpoint(path)
+            if path is not None:
+                accelerator.load_state(str(path))
                 load_ema(path, ema)
-            except (FileNotFoundError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            marker = (path / COMPLETE).read_text().split()
-            step = int(marker[0])
-            trained_s = float(marker[1]) if len(marker) > 1 else 0.0
+        except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        accelerator.wait_for_everyone()          # every rank has read them: now move them
+        if accelerator.is_main_process:
+            set_aside(skipped, run.print)
+        if path is not None:
+            step, trained_s = checkpoint_step(path)
             run.print(f"resumed from {path} at step {step} ({trained_s / 60:.1f} min trained)")
+            if accelerator.is_main_process:
+                note = sync_export(run_dir, path)        # export/ = this checkpoint's EMA 0
+                if note:
+                    run.print(note)
     # train.max_minutes is a budget for the whole run, resumes included: a finished run
     # started again does nothing (so scripts can re-run it to reuse what is done).
     budget_s = 60 * tc.max_minutes if tc.max_minutes > 0 else math.inf
@@ -487,7 +561,6 @@ def main(argv=None) -> int:
         persistent_workers=cfg.data.num_workers > 0)
 
     # ---- fixed validation batch (same on every rank; used by rank 0 only) ------------------
-    val_data = build_data(cfg, cfg.data.val_path or cfg.data.path)
     val_data.flip = False
     n_val = min(tc.num_val, len(val_data))
     val_items = [val_data[i] for i in range(n_val)]
@@ -511,24 +584,37 @@ def main(argv=None) -> int:
         accelerator.wait_for_everyone()
         final = ckpt_dir / ckpt_name(at)
         tmp = ckpt_dir / (ckpt_name(at) + ".tmp")
+        failure = None
+        # no collective inside the try: a rank that fails must not leave the others waiting
+        # (save_state makes the folder on every rank and has no barrier of its own here)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if accelerator.is_main_process:
+                # the EMAs in safetensors, and the export's config: evaluate.py takes a
+                # checkpoint as it takes an export (its weights: the first EMA)
+                save_ema(tmp, ema)
+                export_config(tmp, cfg, data.meta, at, tc.ema_decays[0])
+                (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
+                # the export before the rename: a kill in between leaves the export ahead of
+                # the checkpoints, and a restart re-creates it from the one it resumes
+                export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
+                             tc.ema_decays[0])
+        except Exception as e:  # noqa: BLE001 - disk full, quota, read-only: all one line
+            failure = e
+        if not all_ok(accelerator, failure is None):     # every rank stops together
+            if accelerator.is_main_process:
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)   # give the space back
+                if progress is not None:
+                    progress.close()                     # the error on a line of its own
+                print(save_failure_message(ckpt_dir, at, failure), file=sys.stderr, flush=True)
+            raise SystemExit(SAVE_FAILED)
         if accelerator.is_main_process:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            # the EMAs in safetensors, and the export's config: evaluate.py takes a checkpoint
-            # as it takes an export (its weights: the first EMA)
-            save_ema(tmp, ema)
-            export_config(tmp, cfg, data.meta, at, tc.ema_decays[0])
-            (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
             if final.exists():
                 import shutil
                 shutil.rmtree(final)
             os.replace(tmp, final)                       # atomic: never half-written
             prune_checkpoints(ckpt_dir, tc.keep_checkpoints)
-            export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
-                         tc.ema_decays[0])
         accelerator.wait_for_everyone()
 
     def _ema_model():
@@ -631,6 +717,8 @@ def main(argv=None) -> int:
     if progress is not None:
         progress.close()
     run.close()
+    if accelerator.is_main_process:
+        lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code

@@ -13,7 +13,7 @@ counted). FlopCounterMode counts 2 FLOPs per multiply-accumulate; the DiT/SiT/Me
 "Gflops" (SiT-B/2 23.1, SiT-XL/2 118.6-119.0) are multiply-accumulates: compare them with the
 GMAC column. The class-conditional rows without edges are the paper's ImageNet setting.
 
-    python bench/backbones.py [--quick] [--device cuda] [--threads N]
+    python bench/backbones.py [--quick] [--device cuda] [--threads N] [--only LABEL,...]
 """
 from __future__ import annotations
 
@@ -117,11 +117,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer models, smaller batches, two timed iterations")
+    ap.add_argument("--only", default="",
+                    help="comma-separated row labels to run (e.g. 'SiT-B/2 + edge add,SiT-B/2 "
+                         "+ edge tokens'); default: all")
     a = ap.parse_args()
     tune_cpu_allocator()
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = QUICK_ROWS if a.quick else ROWS
+    if a.only:
+        want = [w.strip() for w in a.only.split(",") if w.strip()]
+        unknown = [w for w in want if w not in ROWS]
+        if unknown:
+            ap.error(f"--only {unknown}: not a row (rows: {', '.join(ROWS)})")
+        rows = {w: ROWS[w] for w in want}
     iters = 2 if a.quick else a.iters
     print(f"device {a.device}, torch threads {torch.get_num_threads()}, fp32, median of "
           f"{iters} timed iteration(s) after one warm-up; GMAC = FlopCounterMode FLOPs / 2 "

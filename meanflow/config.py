@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -123,11 +124,12 @@ class ModelConfig:
     edge_size: int = _f(256, lo=0, doc="spatial size of the edge map")
     num_classes: int = _f(0, lo=0, doc="number of class labels (0 = no class input)")
     # U-Net
-    base_channels: int = _f(128, lo=1)
-    channel_mults: list = _f([1, 2, 4])
-    num_res_blocks: int = _f(2, lo=1)
-    attn_resolutions: list = _f([8])
-    dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
+    base_channels: int = _f(128, lo=1, doc="U-Net: channels of the first level")
+    channel_mults: list = _f([1, 2, 4], doc="U-Net: channel multiplier of each level "
+                                             "(one level per entry, halving the size)")
+    num_res_blocks: int = _f(2, lo=1, doc="U-Net: residual blocks per level")
+    attn_resolutions: list = _f([8], doc="U-Net: feature sizes that get self-attention")
+    dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="dropout probability")
     time_embed: str = _f("sum", choices=("sum", "concat"),
                          doc="how the t and t-r embeddings combine")
     time_scale: float = _f(1.0, lo=0.0, lo_open=True,
@@ -148,28 +150,35 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The cached dataset (preprocess/cache.py) and how it is read."""
+
     path: str = _f("", doc="LMDB folder written by preprocess/cache.py (one split)")
     val_path: str = _f("", doc="LMDB folder for the fixed validation batch ('' = path)")
     image_size: int = _f(256, lo=1, doc="image size the cache was written at")
-    codec: str = _f("sd-vae", choices=("pixel", "sd-vae"))
+    codec: str = _f("sd-vae", choices=("pixel", "sd-vae"),
+                    doc="what the cache stores: pixels, or SD-VAE latents")
     channels: int = _f(4, lo=1, doc="channels of the cached image or latent")
     flip: bool = _f(True, doc="horizontal flip augmentation")
     use_edges: bool = _f(True, doc="condition on the edge map")
     use_labels: bool = _f(False, doc="condition on the class label")
-    num_workers: int = _f(2, lo=0)
+    num_workers: int = _f(2, lo=0, doc="DataLoader worker processes per training process")
 
 
 @dataclass
 class TrainConfig:
+    """Optimisation, EMA, logging and checkpoints."""
+
     batch_size: int = _f(64, lo=1, doc="global batch per optimizer step (before accumulation)")
-    grad_accum: int = _f(1, lo=1)
+    grad_accum: int = _f(1, lo=1, doc="micro-batches accumulated per optimizer step")
     max_steps: int = _f(100_000, lo=1, doc="optimizer steps")
     max_minutes: float = _f(0.0, lo=0.0, doc="stop after this wall time (0 = no limit)")
-    lr: float = _f(1e-4, lo=0.0, lo_open=True)
-    betas: list = _f([0.9, 0.95])
-    weight_decay: float = _f(0.0, lo=0.0)
-    warmup_steps: int = _f(0, lo=0)
-    schedule: str = _f("constant", choices=("constant", "cosine"))
+    lr: float = _f(1e-4, lo=0.0, lo_open=True, doc="AdamW learning rate (after warm-up)")
+    betas: list = _f([0.9, 0.95], doc="AdamW betas")
+    weight_decay: float = _f(0.0, lo=0.0, doc="AdamW weight decay")
+    warmup_steps: int = _f(0, lo=0, doc="linear learning-rate warm-up, optimizer steps")
+    schedule: str = _f("constant", choices=("constant", "cosine"),
+                       doc="learning rate after warm-up: constant, or cosine decay to 0 at "
+                           "max_steps")
     grad_clip: float = _f(1.0, lo=0.0, doc="max grad norm (0 = off)")
     mixed_precision: str = _f("auto", choices=("auto", "no", "bf16", "fp16"),
                               doc="autocast dtype. auto: `accelerate launch --mixed_precision` "
@@ -191,12 +200,13 @@ class TrainConfig:
                                        "checkpoint steps read it too")
     debug_checks: bool = _f(False, doc="check input values (finite, times in [0, 1]) at every "
                                        "step, not only the first: each check waits for the GPU")
-    ema_decays: list = _f([0.999])
-    seed: int = _f(0, lo=0)
-    log_every: int = _f(50, lo=1)
-    image_every: int = _f(1000, lo=1)
-    ckpt_every: int = _f(1000, lo=1)
-    keep_checkpoints: int = _f(3, lo=1)
+    ema_decays: list = _f([0.999], doc="one EMA of the weights per decay; the first is "
+                                       "exported")
+    seed: int = _f(0, lo=0, doc="seed of the initialisation, data order and every draw")
+    log_every: int = _f(50, lo=1, doc="scalars to TensorBoard / metrics.csv every N steps")
+    image_every: int = _f(1000, lo=1, doc="validation image grid every N steps")
+    ckpt_every: int = _f(1000, lo=1, doc="checkpoint (and export) every N steps")
+    keep_checkpoints: int = _f(3, lo=1, doc="the newest N checkpoints are kept")
     max_nonfinite: int = _f(20, lo=1, doc="consecutive non-finite losses before the run stops")
     num_val: int = _f(8, lo=1, doc="size of the fixed validation batch for image grids")
     init_from: str = _f("", doc="warm start for a new run: an export, run folder or checkpoint "
@@ -207,6 +217,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """The whole configuration: one section per dataclass above."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -370,8 +382,50 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config (YAML, readable and reloadable with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config (YAML, readable and reloadable with :func:`load_config`).
+
+    Atomically (a temporary file renamed over it): a run killed while writing it must not
+    leave a torn file for the restart to trip on."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _describe_range(meta: dict) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(str(c) for c in meta["choices"])
+    parts = []
+    if meta.get("lo") is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {meta['lo']:g}")
+    if meta.get("hi") is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {meta['hi']:g}")
+    return ", ".join(parts)
+
+
+def config_help(width: int = 100) -> str:
+    """Every config key with its type, default, valid range and doc, generated from the
+    dataclasses (what ``train.py --help`` prints after its flags)."""
+    import textwrap
+
+    lines = textwrap.wrap("config keys (set them in the YAML file, or on the command line as "
+                          "section.key=value; the defaults are shown):", width)
+    root = Config()
+    for sec in dataclasses.fields(root):
+        obj = getattr(root, sec.name)
+        head = (type(obj).__doc__ or "").strip().splitlines()
+        lines += ["", f"{sec.name}:" + (f"  {head[0]}" if head else "")]
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp = hints[f.name]
+            tname = getattr(tp, "__name__", str(tp))
+            rng = _describe_range(f.metadata)
+            text = f"{sec.name}.{f.name}={getattr(obj, f.name)!r}  ({tname}" + (
+                f"; {rng})" if rng else ")")
+            doc = f.metadata.get("doc", "")
+            lines += textwrap.wrap(f"{text}  {doc}".rstrip(), width, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def model_config_from_json(text: str) -> ModelConfig:

@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from preprocess.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
-                              EdgeConfigError, EdgeDetector, build_detector, looks_like_path)
+                              EdgeConfigError, EdgeDetector, build_detector, hub_failure,
+                              looks_like_path)
 from preprocess.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
                                 FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
                                 encode_meta,
@@ -226,6 +227,9 @@ class VAECodec:
         try:
             vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
+            offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
+            if offline:
+                raise UsageError(offline) from None
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"--vae {name_or_path}: cannot load an AutoencoderKL: {msg}") from None
         self.torch = torch

@@ -155,6 +155,36 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.path.exists(name)
 
 
+def hub_offline() -> bool:
+    """Whether huggingface_hub was told to stay offline (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+
+
+def _unreachable(e: BaseException) -> bool:
+    """An error (or one it was raised from) that means the hub could not be asked."""
+    seen = 0
+    while e is not None and seen < 8:
+        name = type(e).__name__
+        if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
+                    "ConnectTimeout", "ConnectError") or "couldn't connect" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def hub_failure(flag: str, name: str, e: BaseException, what: str) -> Optional[str]:
+    """One line for a hub id that could not be loaded because the hub is offline or out of
+    reach and the files are not in the local cache (None when that is not the cause): it
+    says so, and how to pass a local folder instead."""
+    if os.path.isdir(name) or looks_like_path(name) or not (hub_offline() or _unreachable(e)):
+        return None
+    why = ("the model hub is offline (HF_HUB_OFFLINE=1)" if hub_offline()
+           else "the model hub cannot be reached")
+    return (f"{flag} {name}: {why} and {name} is not in the local cache: download {what} "
+            f"where there is internet access (e.g. `huggingface-cli download {name} "
+            f"--local-dir DIR`), then pass the local folder: {flag} /path/to/folder")
+
+
 def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cpu") -> Any:
     """controlnet-aux detector via its own ``from_pretrained(hub id or local folder)``."""
     if name not in ANNOTATOR_FILES:
@@ -180,6 +210,9 @@ def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cp
         raise EdgeConfigError(f"--edges {name} needs controlnet-aux (pip install "
                               f"controlnet-aux): {e}") from None
     except Exception as e:  # noqa: BLE001 - hub, file and state-dict errors all end here
+        offline = hub_failure("--annotators", annotators, e, ANNOTATOR_FILES[name])
+        if offline:
+            raise EdgeConfigError(f"--edges {name}: {offline}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise EdgeConfigError(f"--edges {name}: cannot load weights from --annotators "
                               f"{annotators}: {type(e).__name__}: {first}") from None

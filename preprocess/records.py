@@ -53,10 +53,23 @@ class RecordError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Keys
 # --------------------------------------------------------------------------------------------
+def _printable_utf8(name: str) -> str:
+    """``name`` with every byte that is not valid UTF-8 written as ``%XX``.
+
+    A file name that is not valid UTF-8 reaches Python with each bad byte as a lone surrogate
+    (U+DC80..U+DCFF, os.fsdecode's surrogateescape), which no UTF-8 key can hold: the key's
+    encode would raise outside the per-file error handling and lose the whole batch. The
+    escape keeps the key the same on every run and different for different bytes."""
+    if not any("\udc80" <= c <= "\udcff" for c in name):
+        return name
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in name)
+
+
 def key_part(name: str) -> str:
     """A category or file name made safe for one key component: no '/', no whitespace runs,
-    no leading '__' (reserved). 'T-shirt/top' -> 'T-shirt_top', 'Ankle boot' -> 'Ankle_boot'."""
-    part = re.sub(r"[/\\\s]+", "_", name.strip())
+    no leading '__' (reserved), bytes that are not UTF-8 as ``%XX``. 'T-shirt/top' ->
+    'T-shirt_top', 'Ankle boot' -> 'Ankle_boot', b'caf\\xe9' -> 'caf%E9'."""
+    part = re.sub(r"[/\\\s]+", "_", _printable_utf8(name).strip())
     if not part:
         raise RecordError(f"empty key component from {name!r}")
     if part.startswith(RESERVED_PREFIX):

@@ -143,6 +143,12 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
+def _broken_link(p: Path) -> bool:
+    """A symlink that leads nowhere (a loop, or a missing target). Kept as an item so that it
+    fails like any unreadable file and is listed in report.json, not silently dropped."""
+    return p.is_symlink() and not p.exists()
+
+
 def list_folder_splits(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
 
@@ -166,9 +172,10 @@ def folder_class_names(root: Path, splits: list[str]) -> list[str]:
 class FolderSource(Source):
     """``root/<split>/<category>/<image>``; the category (sorted folder names) is the label.
 
-    Every visible regular file is an item: a non-image file is reported as failed rather than
-    silently ignored. Files that share a stem inside one category keep their extension in the
-    key so that keys stay unique.
+    Every visible regular file is an item, and so is a broken symlink: a non-image file is
+    reported as failed rather than silently ignored. Files that share a stem inside one
+    category keep their extension in the key so that keys stay unique; two names that still
+    map to one key (``a b.png`` and ``a_b.png``) are an error naming both.
     """
 
     def __init__(self, root: Path, split: str, class_names: list[str]):
@@ -181,7 +188,8 @@ class FolderSource(Source):
                               f"{root}/<split>/<category>/<image>")
         for cat in cats:
             label = self.class_names.index(cat.name)
-            files = sorted(p for p in cat.iterdir() if p.is_file() and _visible(p))
+            files = sorted(p for p in cat.iterdir()
+                           if (p.is_file() or _broken_link(p)) and _visible(p))
             stems: dict[str, int] = {}
             for f in files:
                 stems[f.stem] = stems.get(f.stem, 0) + 1
@@ -189,6 +197,10 @@ class FolderSource(Source):
                 stem = f.stem if stems[f.stem] == 1 else f.name
                 self.items.append(Item(sample_key(split, cat.name, stem), label, str(f)))
         self.items.sort(key=lambda it: it.key)
+        for a, b in zip(self.items, self.items[1:]):
+            if a.key == b.key:
+                raise SourceError(f"{a.origin!a} and {b.origin!a} map to the same key "
+                                  f"{a.key!r}; rename one")
 
     def open(self, item: Item, max_pixels: Optional[int] = None) -> Image.Image:
         return open_image(item.origin, max_pixels)

@@ -1,0 +1,309 @@
+"""What keeps a run folder safe across kills, corrupt files, full disks and a second trainer.
+
+    lock = RunLock(run_dir); lock.acquire()           # one trainer per run folder
+    chosen, skipped = pick_checkpoint(ckpt_dir, warn)  # newest checkpoint whose files load
+    sync_export(run_dir, chosen)                       # export/ = that checkpoint's EMA 0
+
+Used by train.py; nothing here knows about the training loop.
+
+The lock is a POSIX record lock (``fcntl.lockf``) on ``RUN/.lock``: the kernel drops it when
+the process ends, however it ends (``kill -9`` included), so a stale lock never blocks a
+restart; and unlike ``flock`` it is not inherited by forked DataLoader workers, which may
+outlive a killed trainer by seconds. The file holds the owner's pid and host so that the
+error can name it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable, Optional
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .training import (COMPLETE, EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
+                       list_checkpoints)
+
+LOCK_FILE = ".lock"
+CORRUPT_SUFFIX = ".corrupt"        # a skipped checkpoint is renamed to step_XXXXXXX.corrupt
+MODEL_FILE = "model.safetensors"   # accelerate's model weights in a checkpoint; the export's
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files cannot be used; the message names the file."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill leaves the old file or the new one, never a
+    torn one (a temporary file in the same folder, flushed, then renamed over it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# One trainer per run folder
+# --------------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on ``run_dir`` for the life of this process (see the module doc)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock or raise :class:`RunLockedError` naming the process that holds it.
+        Returns a warning when the file system cannot lock (some network mounts): the run
+        then goes on unguarded rather than not at all."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                return (f"warning: {self.path.parent} cannot be locked ({e.strerror}): nothing "
+                        f"stops a second trainer on this run folder")
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 512, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = (f"pid {holder[0]} on host {holder[1]}, since {holder[2]}" if len(holder) >= 3
+                   else "a process that has not written its pid yet")
+            raise RunLockedError(
+                f"{self.path.parent} is in use by another trainer ({who}): wait for it to "
+                f"end or stop it, or pass another --run-dir") from None
+        os.ftruncate(fd, 0)
+        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {now}\n".encode(), 0)
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        """Drop the lock (it also goes when the process ends)."""
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)          # no stale pid left for a reader to show
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: checked before use, the newest good one wins
+# --------------------------------------------------------------------------------------------
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # torch's weights_only refusal is a paragraph around the one line that says what was
+    # refused; its boilerplate (which suggests weights_only=False) is left out
+    said = [ln for ln in lines if not ln.startswith(("Weights only load failed",
+                                                     "Please file an issue",
+                                                     "Check the documentation"))]
+    return (said or lines or [type(e).__name__])[0][:limit]
+
+
+def check_file(f: Path) -> None:
+    """Open ``f`` the way resume will, without reading the tensor data (safetensors: the
+    header against the file size; torch files: unpickled with ``weights_only=True``, tensors
+    memory-mapped). Raises :class:`CheckpointError` naming the file."""
+    try:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as s:
+                s.keys()
+        elif f.suffix in (".bin", ".pkl", ".pt"):
+            from accelerate.utils.other import load      # accelerate's own loader and globals
+            load(str(f), map_location="cpu", mmap=True)
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+    except Exception as e:  # noqa: BLE001 - whatever is wrong, name the file and stop there
+        kind = ("refused by torch.load(weights_only=True): not plain tensors"
+                if type(e).__name__ == "UnpicklingError" else type(e).__name__)
+        raise CheckpointError(f"{f}: cannot be loaded ({kind}: {_first_line(e)})") from None
+
+
+def checkpoint_step(path: Path) -> tuple[int, float]:
+    """(step, training seconds so far) from a checkpoint's COMPLETE marker."""
+    marker = Path(path) / COMPLETE
+    try:
+        parts = marker.read_text().split()
+        return int(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
+    except (OSError, ValueError, IndexError):
+        raise CheckpointError(f"{marker}: missing or unreadable (not a complete "
+                              f"checkpoint)") from None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file of checkpoint ``path`` opens."""
+    path = Path(path)
+    checkpoint_step(path)
+    for name in (MODEL_FILE, "optimizer.bin"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    if not (path / EMA_FILE).is_file() and not (path / LEGACY_EMA_FILE).is_file():
+        raise CheckpointError(f"{path / EMA_FILE}: missing (the checkpoint's EMA weights)")
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            check_file(f)
+
+
+def pick_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]
+                    ) -> tuple[Optional[Path], list[Path]]:
+    """The newest complete checkpoint of ``ckpt_dir`` whose files all load, and the newer
+    ones skipped on the way (each reported through ``warn`` in one line). Every process of a
+    run checks the same files, so all of them pick the same checkpoint. Raises
+    :class:`CheckpointError` when there are checkpoints and none of them loads: starting
+    from scratch then would silently throw the run away."""
+    ckpts = list_checkpoints(Path(ckpt_dir))
+    skipped = []
+    for _, p in reversed(ckpts):
+        try:
+            verify_checkpoint(p)
+            return p, skipped
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {p.name}, it cannot be resumed: {e}")
+            skipped.append(p)
+    if ckpts:
+        raise CheckpointError(f"none of the {len(ckpts)} checkpoints in {ckpt_dir} can be "
+                              f"loaded (see the warnings above); to start over, pass another "
+                              f"--run-dir")
+    return None, skipped
+
+
+def set_aside(skipped: list[Path], warn: Callable[[str], None]) -> None:
+    """Rename skipped checkpoints to ``step_XXXXXXX.corrupt``: kept for inspection, but no
+    longer counted by pruning (a corrupt newest one would otherwise outrank, and so prune,
+    the checkpoints the resumed run writes)."""
+    for p in skipped:
+        dst = p.with_name(p.name + CORRUPT_SUFFIX)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(p, dst)
+        warn(f"warning: moved {p.name} aside to {dst}")
+
+
+# --------------------------------------------------------------------------------------------
+# The export follows the last checkpoint
+# --------------------------------------------------------------------------------------------
+def export_step(export_dir: Path) -> Optional[int]:
+    """The step of a complete, consistent export, else None (missing or unreadable files, or
+    weights and config written at different steps: a save killed between the two)."""
+    w, c = Path(export_dir) / MODEL_FILE, Path(export_dir) / EXPORT_CONFIG
+    try:
+        with safe_open(str(w), "pt") as s:
+            w_step = int((s.metadata() or {}).get("step", -1))
+        c_step = int(json.loads(c.read_text())["step"])
+    except Exception:  # noqa: BLE001 - any defect means: not an export to keep
+        return None
+    return c_step if c_step == w_step else None
+
+
+def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
+    """Make ``RUN/export`` the first EMA of checkpoint ``ckpt`` unless it already is.
+
+    A kill between a checkpoint and its export, or a resume that fell back past a corrupt
+    checkpoint, leaves the export at another step than the checkpoint the run continues from.
+    It is rebuilt from the checkpoint's own files: the model weights (for buffers), EMA 0 over
+    the parameters, and the export config every checkpoint carries. Returns a note saying
+    what was done, or None when the export was already right."""
+    export_dir = Path(run_dir) / EXPORT_DIR
+    step, _ = checkpoint_step(ckpt)
+    have = export_step(export_dir)
+    if have == step:
+        return None
+    # accelerate saves the prepared model as it is wrapped: DDP's "module." (and a compiled
+    # model's "_orig_mod.") prefix the keys; the export holds the bare model's
+    state = {}
+    for k, v in load_file(str(Path(ckpt) / MODEL_FILE)).items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        state[k] = v
+    ema_file = Path(ckpt) / EMA_FILE
+    if ema_file.is_file():
+        ema0 = {k[2:]: v for k, v in load_file(str(ema_file)).items() if k.startswith("0.")}
+    else:                                    # legacy pickle: plain tensors only
+        import torch
+        legacy = torch.load(Path(ckpt) / LEGACY_EMA_FILE, map_location="cpu", weights_only=True)
+        ema0 = {k[2:]: v for k, v in legacy.items() if k.startswith("0.")}
+    missing = sorted(set(ema0) - set(state))
+    if missing:
+        raise CheckpointError(f"{ema_file}: EMA keys not in {MODEL_FILE}: {missing[:3]}")
+    state.update({k: v.to(state[k].dtype) for k, v in ema0.items()})
+    export_dir.mkdir(parents=True, exist_ok=True)
+    tmp = export_dir / (MODEL_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"step": str(step)})
+    os.replace(tmp, export_dir / MODEL_FILE)
+    write_text_atomic(export_dir / EXPORT_CONFIG, (Path(ckpt) / EXPORT_CONFIG).read_text())
+    was = "missing or incomplete" if have is None else f"at step {have}"
+    return (f"note: {export_dir} was {was}, not at the checkpoint's step {step}: re-created "
+            f"it from {Path(ckpt).name}")
+
+
+def occupied(run_dir: Path) -> list[str]:
+    """What ``--resume none`` would overwrite or prune in ``run_dir`` (empty: nothing)."""
+    run_dir = Path(run_dir)
+    found = [p.name for _, p in list_checkpoints(run_dir / "checkpoints")]
+    if (run_dir / EXPORT_DIR).is_dir() and any((run_dir / EXPORT_DIR).iterdir()):
+        found.append(EXPORT_DIR)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved config, and what a failed save leaves
+# --------------------------------------------------------------------------------------------
+def write_run_config(run_dir: Path, cfg, note: Callable[[str], None]) -> None:
+    """Write the resolved config to ``RUN/config.yaml`` (atomically), first saying how it
+    differs from the run's previous one. A previous file that no longer parses (torn by a
+    kill before it was written atomically, or edited by hand) is reported and replaced: it
+    must not block the restart of a run whose checkpoints are fine."""
+    from .config import load_config, save_config, to_dict
+
+    prev = Path(run_dir) / "config.yaml"
+    if prev.exists():
+        try:
+            old_cfg = load_config(prev)
+        except Exception as e:  # noqa: BLE001 - a torn file can fail in any way
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            note(f"warning: {prev} cannot be read ({first}); writing the resolved config "
+                 f"over it")
+        else:
+            if old_cfg != cfg:
+                old, new = to_dict(old_cfg), to_dict(cfg)
+                diff = [f"{s}.{k}: {old[s][k]!r} -> {new[s][k]!r}" for s in new
+                        for k in new[s] if old[s][k] != new[s][k]]
+                note("note: the config differs from the run's previous one: " + "; ".join(diff))
+    save_config(cfg, prev)
+
+
+def save_failure_message(ckpt_dir: Path, step: int, e: Optional[BaseException]) -> str:
+    """One line for a checkpoint that could not be written (disk full, quota, permissions):
+    what failed, and which earlier checkpoint a restart will resume from."""
+    what = "another process failed" if e is None else f"{type(e).__name__}: {_first_line(e)}"
+    ckpts = list_checkpoints(Path(ckpt_dir))
+    if ckpts:
+        after = (f"the previous checkpoint {ckpts[-1][1].name} is intact: free space (or fix "
+                 f"the folder), then run the same command to resume from it")
+    else:
+        after = ("this run has no earlier checkpoint: free space (or fix the folder), then "
+                 "run the same command to start it again")
+    return (f"error: cannot write checkpoint {Path(ckpt_dir) / f'step_{step:07d}'} ({what}); "
+            f"is the disk full? Nothing of it was kept; {after}")
