@@ -66,11 +66,14 @@ def _open_file(path: Path) -> Image.Image:
     """Decode an image file, refusing oversized ones from the header alone."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    try:
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None   # PIL's own check, off:
+    try:                                                           # the size is checked here
         with Image.open(path) as im:                # reads the header only
             w, h = im.size
     except Exception as e:  # noqa: BLE001 - whatever PIL says, it is not an image we can read
         raise InputError(f"{path}: not an image ({type(e).__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if w * h > MAX_INPUT_PIXELS:
         raise InputError(f"{path}: {w}x{h} pixels is over the limit of {MAX_INPUT_PIXELS:,} "
                          f"(refused before decoding)")
