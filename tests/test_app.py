@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
