@@ -18,7 +18,6 @@ from typing import Optional
 
 import numpy as np
 
-STEP_CHOICES = (1, 2, 4)
 DISPLAY_SIZE = 256          # small models (16-32 px) are shown enlarged, pixel for pixel
 CANVAS_SIZE = (384, 384)
 BRUSH_RADIUS = 6            # canvas pixels: a 384 px stroke of 12 px is ~1 pixel at 32 px
@@ -96,7 +95,7 @@ def build(pipe):
                                   interactive=False, elem_id="output")
                 edges = gr.Image(label="edge map the model sees", type="numpy", format="png",
                                  interactive=False, elem_id="edges", height=160)
-                steps = gr.Slider(1, 4, value=1, step=1, label="steps (1, 2, 4)",
+                steps = gr.Slider(1, 4, value=1, step=1, label="steps",
                                   elem_id="steps")
                 seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
                 timing = gr.Markdown(elem_id="timing")
