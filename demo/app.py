@@ -5,7 +5,7 @@
 
 A Gradio page (the usual form of a model demo) with a sketch canvas whose strokes become the
 edge map the way sample.py's do, a photo upload turned into edges by the dataset's own
-detector, a step count (1, 2 or 4), a seed, and the measured milliseconds per image (network
+detector, a step count (1 to 4), a seed, and the measured milliseconds per image (network
 + decode, without the page's round trip). Needs the package installed (`pip install -e .`)
 and gradio (the Makefile's set-up installs both).
 """
