@@ -102,6 +102,7 @@ def test_drawing_updates_the_one_step_image(server, tmp_path):
     from playwright.sync_api import sync_playwright
     url, chromium = server
     with sync_playwright() as p:
+        # (chromium will not start its process sandbox as root, which is how CI runs)
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"],
                                     timeout=TIMEOUT_MS)
         try:
