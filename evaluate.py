@@ -289,10 +289,21 @@ def conditions(ds, dcfg: DataConfig, mcfg: ModelConfig, balanced: bool
 
 
 def load_model(ckpt: Path, device: torch.device):
-    """``load_export`` with the network built on ``device`` itself (its weights are copied in),
-    so that a process's model is on its own GPU from the start, not on cuda:0 or the CPU."""
+    """(model on ``device``, export info): read and checked on the CPU, then built on the
+    process's own device, so that no rank's weights pass through cuda:0."""
+    net, info = load_export(ckpt, "cpu")
+    return place_model(net, info, device), info
+
+
+def place_model(net: torch.nn.Module, info: dict, device: torch.device) -> torch.nn.Module:
+    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
+    (building there, rather than moving, also works under a fake-tensor device)."""
+    import models
+    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
     with torch.device(device):
-        return load_export(ckpt, device)
+        out = models.build(mcfg)
+    out.load_state_dict(net.state_dict())
+    return out.eval()
 
 
 def sample_batch(model, idx: list[int], cond, shape: tuple, seed: int, device: torch.device,
@@ -417,7 +428,9 @@ def main(argv=None) -> int:
                       if args.compare_steps else [args.steps])
         if any(isinstance(s, int) and s < 1 for s in steps_list):
             raise EvalError(f"steps must be >= 1, got {steps_list}")
-        grids = {s: steps_grid(s) for s in steps_list}      # one per step spec (CPU)
+        # one time grid per step spec, as host floats (sample() checks them without a
+        # device read)
+        grids = {s: steps_grid(s).tolist() for s in steps_list}
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.ref and (args.ref_stats or args.balanced_labels):
@@ -621,7 +634,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
         for i, img in gather(mine_grid, state):         # every rank's grid rows, not rank 0's
             grid_cols.setdefault(i, {})[steps] = img
         if rank == 0:
-            nfe = (grids[steps].numel() - 1) * (2 if args.cfg_scale != 1.0 else 1)
+            nfe = (len(grids[steps]) - 1) * (2 if args.cfg_scale != 1.0 else 1)
             row = dict(steps=steps, nfe=nfe, n=n, seconds_per_image=all_secs * world / n)
             if want_fid:
                 row.update(M.scores(gen, ctx["ref_stats"]))

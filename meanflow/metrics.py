@@ -632,7 +632,8 @@ def scores(gen: dict, ref: dict, kid_subsets: int = KID_SUBSETS, seed: int = KID
            pr_device=None) -> dict:
     """Every score that the two statistics allow: FID always; KID and precision/recall when
     both keep features; the Inception Score when ``gen`` has it. With a warning at small N."""
-    out = {"fid": fid_from_statistics(gen, ref), "n": int(gen["n"]), "n_ref": int(ref["n"])}
+    n_ref = None if ref.get("n") is None else int(ref["n"])      # ADM's files do not say
+    out = {"fid": fid_from_statistics(gen, ref), "n": int(gen["n"]), "n_ref": n_ref}
     fa, fb = gen.get("features"), ref.get("features")
     if fa is not None and fb is not None and min(len(fa), len(fb)) >= 2:
         size = min(KID_SUBSET_SIZE, len(fa), len(fb))
@@ -644,7 +645,7 @@ def scores(gen: dict, ref: dict, kid_subsets: int = KID_SUBSETS, seed: int = KID
     if "inception_score" in gen:
         out["inception_score"] = gen["inception_score"]
         out["inception_score_std"] = gen["inception_score_std"]
-    warn = small_n_warning(min(out["n"], out["n_ref"]))
+    warn = small_n_warning(min(out["n"], n_ref if n_ref is not None else out["n"]))
     if warn:
         out["warning"] = warn
     return out
@@ -676,7 +677,7 @@ def load_reference_npz(path: Union[str, Path], dim: int = FEATURE_DIM) -> dict:
                              f"statistics of another network or layer")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise ValueError(f"--ref-stats {str(p)!r}: mu or sigma holds NaN or inf")
-        st = {"mu": mu, "sigma": sigma, "n": int(z["n"]) if "n" in z.files else -1}
+        st = {"mu": mu, "sigma": sigma, "n": int(z["n"]) if "n" in z.files else None}
         if "features" in z.files:
             f = z["features"]
             if f.ndim != 2 or f.shape[1] != dim:
