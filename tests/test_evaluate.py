@@ -328,3 +328,50 @@ def test_balanced_labels_need_no_dataset_and_give_the_inception_score(trained, t
     res = evaluate(ckpt, "--balanced-labels", "--num-samples", "20", "--fid",
                    "--out", str(tmp_path / "none"))
     assert res.returncode == 2 and "needs --ref-stats" in res.stderr
+
+
+def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
+    """The ImageNet recipe: an SD-VAE cache of the train split under --store-images auto keeps
+    no real images. --fid on it is one clear error before sampling (it was a KeyError
+    traceback after sampling); with --ref-stats it samples, decodes and scores."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from meanflow import metrics as M
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cat in ("cat", "dog"):
+            (tmp_path / "raw" / split / cat).mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(
+                    tmp_path / "raw" / split / cat / f"{k}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "lat"
+    res = run([PY, "preprocess/cache.py", "--input", str(tmp_path / "raw"), "--output",
+               str(data), "--image-size", "16", "--codec", "sd-vae", "--vae",
+               str(tmp_path / "vae"), "--edges", "canny", "--batch-size", "6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = make_export(tmp_path, data, "data.codec=sd-vae", "data.channels=4",
+                       "model.in_channels=4", "model.input_size=8", "model.num_classes=2",
+                       "model.attn_resolutions=[4]")
+    out = tmp_path / "eval"
+    res = evaluate(ckpt, "--split", "train", "--fid", "--out", str(out))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "stores no real images" in res.stderr and "--ref-stats" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+    f = rng.standard_normal((20, M.FEATURE_DIM))
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=np.int64(20))
+    res = evaluate(ckpt, "--split", "train", "--fid", "--ref-stats", str(npz), "--out", str(out),
+                   "--compare-steps", "1", "--grid-rows", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads((out / "results.json").read_text())["results"]
+    assert row["n"] == 6 and row["n_ref"] == 20 and row["fid"] > 0
+    assert len(list((out / "steps_1").glob("*.png"))) == 6 and (out / "grid.png").is_file()
