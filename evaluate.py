@@ -637,7 +637,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
             nfe = (len(grids[steps]) - 1) * (2 if args.cfg_scale != 1.0 else 1)
             row = dict(steps=steps, nfe=nfe, n=n, seconds_per_image=all_secs * world / n)
             if want_fid:
-                row.update(M.scores(gen, ctx["ref_stats"]))
+                row.update(M.scores(gen, ctx["ref_stats"], pr_device=device))
                 if "warning" in row:
                     print(f"warning: {row['warning']}", file=sys.stderr, flush=True)
             if detector is not None:
