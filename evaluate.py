@@ -360,6 +360,12 @@ def expand_ckpts(paths: list[str]) -> list[Path]:
     return out
 
 
+def reference_tag(split: str, category: Optional[str], n: int) -> str:
+    """The cache tag of the in-cache reference statistics (what ``real_statistics`` takes):
+    shared by evaluate.py and any script that wants the same file."""
+    return f"{split}{'_' + category if category else ''}_n{n}_spread"
+
+
 def out_name(args) -> str:
     if args.balanced_labels:
         return "balanced"
@@ -468,7 +474,7 @@ def main(argv=None) -> int:
         weights = M.fid_weights_path(args.fid_weights)
         want_is = M.has_logits(weights)
         if args.ref_stats is None:
-            tag = f"{out_name(args)}_n{n}_spread"
+            tag = reference_tag(args.split, args.category, n)
             ref_stats = real_statistics(ds, sel, tag, weights, device, state)
             if args.ref:
                 state.print(f"reference statistics for {tag} ready in "
