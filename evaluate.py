@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world = state.process_index, state.num_processes
+    rank = state.process_index
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
