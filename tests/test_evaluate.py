@@ -30,15 +30,27 @@ def evaluate(ckpt: Path, *args, nproc: int = 1):
 
 
 def test_samples_do_not_depend_on_the_process_count(trained, tmp_path):
-    outs = []
+    outs, rows = [], []
     for world in (1, 2, 3):
         out = tmp_path / f"w{world}"
+        # --compare-steps with several processes: the grid needs every rank's rows
         res = evaluate(trained, "--num-samples", "10", "--batch-size", "4", "--out", str(out),
-                       "--no-edge-f1", nproc=world)
+                       "--no-edge-f1", "--compare-steps", "1", "--grid-rows", "4", "--fid",
+                       nproc=world)
         assert res.returncode == 0, res.stderr[-3000:]
-        outs.append({p.name: p.read_bytes() for p in (out / "steps_1").glob("*.png")})
-    assert len(outs[0]) == 10                           # none missing or doubled (10 = 4+4+2)
-    assert outs[0] == outs[1] == outs[2]
+        outs.append({p.relative_to(out).as_posix(): p.read_bytes()
+                     for p in out.glob("**/*.png")})
+        rows.append(json.loads((out / "results.json").read_text())["results"])
+    assert len(outs[0]) == 10 + 1                       # none missing or doubled (10 = 4+4+2)
+    assert outs[0] == outs[1] == outs[2]                # the samples and grid.png
+    # statistics are sums all-reduced in another order: equal to float64 rounding
+    for other in rows[1:]:
+        for a, b in zip(rows[0], other):
+            assert b["fid"] == pytest.approx(a["fid"], rel=1e-8)
+            assert (b["kid"], b["precision"], b["recall"]) == (a["kid"], a["precision"],
+                                                               a["recall"])
+    outs = [{k.split("/")[-1]: v for k, v in o.items() if k.startswith("steps_1/")}
+            for o in outs]
     # keys are sorted by category: the N samples are spread over the split, not its first N
     # (which would be one or two classes)
     cats = {name.split("_")[2] for name in outs[0]}     # 000012_test_<category>_<stem>.png
@@ -144,6 +156,11 @@ def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
     md = (out / "results.md").read_text()
     assert "N = 6" in md and "| FID |" in md.replace("FID | KID", "FID |")
     assert (out / "grid.png").stat().st_size > 0
+    # every FID below N = 1,000 carries a warning: printed, and in both reports
+    assert "warning: N = 6 < 1,000: FID is biased upward" in res.stderr
+    assert all("N = 6 < 1,000" in r["warning"] for r in rows)
+    assert "**Warning:** N = 6 < 1,000" in md
+    assert "Inception Score unavailable" in md                # offline weights: no classifier
 
 
 @pytest.mark.parametrize("args, match", [
@@ -161,3 +178,200 @@ def test_bad_input_fails_before_sampling(trained, tmp_path, args, match):
 def test_missing_checkpoint(tmp_path):
     res = run([PY, "evaluate.py", "--ckpt", str(tmp_path / "none")])
     assert res.returncode == 2 and "not found" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, output place, statistics files, class-balanced sampling
+# --------------------------------------------------------------------------------------------
+def make_export(tmp: Path, data: Path, *overrides: str) -> Path:
+    """An untrained model of the tiny config (with ``overrides``) exported as train.py does:
+    what evaluate.py's plumbing needs, without a training run."""
+    import models
+    import torch
+    from meanflow.config import load_config
+    from meanflow.data import LMDBDataset
+    from meanflow.training import export_model
+    cfg = load_config(write_cfg(tmp, data), list(overrides))
+    torch.manual_seed(0)
+    run_dir = tmp / "run_untrained"
+    meta = LMDBDataset(data / "test", flip=False, use_edges=False).meta
+    export_model(run_dir / "export", models.build(cfg.model), cfg, meta, 0, None)
+    return run_dir / "export"
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypatch):
+    """LOCAL_RANK = 1 on a (fake) two-GPU machine: weights, noise, conditions and samples all
+    on cuda:1. The order evaluate.py had (load onto "cuda", i.e. cuda:0, then set the rank's
+    device) mixes cuda:0 weights with cuda:1 inputs, which this check catches."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import evaluate as E
+    from meanflow.runtime import process_device
+    from meanflow.training import load_export
+    data = Path(json.loads((trained / "export" / "model_config.json").read_text())
+                ["data"]["path"]).parent
+    # edges only: the U-Net checks label values, which a fake tensor does not have
+    ckpt = make_export(tmp_path, data, "data.use_labels=false", "model.num_classes=0")
+    args = E.parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
+    net, info = load_export(ckpt)                    # files are read on the host, as in main
+    ds, sel, dcfg, mcfg = E.resolve(args, info)
+    cond = E.conditions(ds, dcfg, mcfg, balanced=False)
+    times = E.steps_grid(2).tolist()
+    shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with monkeypatch.context() as m:                 # (fake tensors need the real answer)
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        device = process_device(None)                # what main() takes, before loading
+    assert device == torch.device("cuda", 1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = E.place_model(net, info, device)
+        placed = {t.device for t in [*model.parameters(), *model.buffers()]}
+        assert placed == {torch.device("cuda", 1)}
+        for amp in (None, torch.bfloat16):
+            x, edge = E.sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
+            assert x.device == edge.device == torch.device("cuda", 1)
+            assert x.dtype == torch.float32               # bf16 network, fp32 update
+        old = E.place_model(net, info, torch.device("cuda"))   # the old default device
+        assert {p.device for p in old.parameters()} == {torch.device("cuda", 0)}
+        with pytest.raises(RuntimeError, match="same device"):
+            E.sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)
+
+
+def test_a_checkpoints_evaluation_is_not_inside_the_checkpoint(trained):
+    """Training prunes old checkpoints with everything in them: the default output of a
+    checkpoint's evaluation is RUN/eval/step_N/<split>."""
+    from meanflow.training import prune_checkpoints
+    ckpt = trained / "checkpoints" / "step_0000001"
+    res = evaluate(ckpt, "--num-samples", "3", "--no-edge-f1", "--no-png")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = trained / "eval" / "step_0000001" / "test"
+    assert json.loads((out / "results.json").read_text())["meta"]["step"] == 1
+    assert not (ckpt / "eval").exists()
+    import shutil
+    copy = trained.parent / "pruned_copy"
+    shutil.copytree(trained, copy)
+    prune_checkpoints(copy / "checkpoints", keep=1)          # what continued training does
+    assert not (copy / "checkpoints" / "step_0000001").exists()
+    assert (copy / "eval" / "step_0000001" / "test" / "results.json").is_file()
+
+
+def test_a_statistics_file_gives_the_in_cache_fid(trained, tmp_path):
+    """The same 6 real images as a --ref-stats file (preprocess/fid_stats.py) and as the
+    in-cache reference: the same FID, KID and precision/recall."""
+    data = Path(json.loads((trained / "export" / "model_config.json").read_text())
+                ["data"]["path"]).parent
+    npz = tmp_path / "test6.npz"
+    res = run([PY, "preprocess/fid_stats.py", "--input", str(data / "test"), "--num-samples",
+               "6", "--output", str(npz), "--workers", "0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = []
+    for extra in ([], ["--ref-stats", str(npz)]):
+        out = tmp_path / f"out{len(extra)}"
+        res = evaluate(trained, "--num-samples", "6", "--fid", "--no-png", "--no-edge-f1",
+                       "--out", str(out), *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows.append(json.loads((out / "results.json").read_text()))
+    (a,), (b,) = rows[0]["results"], rows[1]["results"]
+    assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and a["fid"] > 0
+    assert (b["kid"], b["precision"], b["recall"]) == pytest.approx(
+        (a["kid"], a["precision"], a["recall"]), rel=1e-9)
+    assert rows[1]["meta"]["ref_stats"] == str(npz.resolve())
+    assert str(npz.resolve()) in (tmp_path / "out2" / "results.md").read_text()
+    # a statistics file of another feature size is refused before any sampling
+    import numpy as np
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(64), sigma=np.eye(64))
+    res = evaluate(trained, "--fid", "--ref-stats", str(bad), "--out", str(tmp_path / "bad"))
+    assert res.returncode == 2 and "bad.npz" in res.stderr and "2048" in res.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_balanced_labels_need_no_dataset_and_give_the_inception_score(trained, tmp_path):
+    """A class-conditional model sampled with labels i mod 10, sharded over 2 processes, scored
+    against a statistics file; the Inception Score with weights that have a classifier."""
+    import numpy as np
+    import torch
+
+    from meanflow import metrics as M
+    data = Path(json.loads((trained / "export" / "model_config.json").read_text())
+                ["data"]["path"]).parent
+    ckpt = make_export(tmp_path, data, "data.use_edges=false", "model.edge_channels=0")
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((50, M.FEATURE_DIM))
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    sd = M.load_weights(M.fid_weights_path())
+    sd["fc.weight"] = torch.randn(sd["fc.weight"].shape, generator=torch.Generator()
+                                  .manual_seed(0)) * 0.01
+    sd["fc.bias"] = torch.zeros_like(sd["fc.bias"])
+    weights = tmp_path / "with_fc.pth"
+    torch.save(sd, weights)
+    out = tmp_path / "bal"
+    res = evaluate(ckpt, "--balanced-labels", "--num-samples", "20", "--batch-size", "3",
+                   "--fid", "--ref-stats", str(npz), "--fid-weights", str(weights),
+                   "--out", str(out), nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in (out / "steps_1").glob("*.png"))
+    assert len(names) == 20
+    classes = [n.split("_", 1)[1] for n in names]
+    assert all(classes.count(c) == 2 for c in classes)            # 2 per class of 10
+    res_json = json.loads((out / "results.json").read_text())
+    (row,) = res_json["results"]
+    assert row["fid"] > 0 and row["inception_score"] >= 1.0 and row["n_ref"] is None
+    assert "kid" not in row                                # the file keeps no features
+    assert res_json["meta"]["balanced_labels"] and res_json["meta"]["data"] == "none"
+    md = (out / "results.md").read_text()
+    assert "| IS |" in md and "balanced labels" in md and "N = 20 < 1,000" in md
+    # without a statistics file there is nothing to compare with
+    res = evaluate(ckpt, "--balanced-labels", "--num-samples", "20", "--fid",
+                   "--out", str(tmp_path / "none"))
+    assert res.returncode == 2 and "needs --ref-stats" in res.stderr
+
+
+def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
+    """The ImageNet recipe: an SD-VAE cache of the train split under --store-images auto keeps
+    no real images. --fid on it is one clear error before sampling (it was a KeyError
+    traceback after sampling); with --ref-stats it samples, decodes and scores."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from meanflow import metrics as M
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cat in ("cat", "dog"):
+            (tmp_path / "raw" / split / cat).mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(
+                    tmp_path / "raw" / split / cat / f"{k}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "lat"
+    res = run([PY, "preprocess/cache.py", "--input", str(tmp_path / "raw"), "--output",
+               str(data), "--image-size", "16", "--codec", "sd-vae", "--vae",
+               str(tmp_path / "vae"), "--edges", "canny", "--batch-size", "6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = make_export(tmp_path, data, "data.codec=sd-vae", "data.channels=4",
+                       "model.in_channels=4", "model.input_size=8", "model.num_classes=2",
+                       "model.attn_resolutions=[4]")
+    out = tmp_path / "eval"
+    res = evaluate(ckpt, "--split", "train", "--fid", "--out", str(out))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "stores no real images" in res.stderr and "--ref-stats" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+    f = rng.standard_normal((20, M.FEATURE_DIM))
+    npz = tmp_path / "ref.npz"
+    np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=np.int64(20))
+    res = evaluate(ckpt, "--split", "train", "--fid", "--ref-stats", str(npz), "--out", str(out),
+                   "--compare-steps", "1", "--grid-rows", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = json.loads((out / "results.json").read_text())["results"]
+    assert row["n"] == 6 and row["n_ref"] == 20 and row["fid"] > 0
+    assert len(list((out / "steps_1").glob("*.png"))) == 6 and (out / "grid.png").is_file()
