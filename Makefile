@@ -8,7 +8,7 @@ START  := $(shell date +%s)
 # Offline by default: nothing here downloads from a model or dataset hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo ablation run fashion bench gpu-check clean-venv chromium
+.PHONY: setup test demo ablation options run fashion bench gpu-check clean-venv chromium
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,13 @@ demo: fashion
 # as flow matching with the same budget, every FID at N = 1000, the real-data floor, the bars.
 ablation: fashion
 	$(PY) demo/run.py ablation --started-at $(START)
+
+# MeanFlow's options (warm start, AlphaFlow, a flow-matching teacher, Decoupled MeanFlow's
+# times) against plain MeanFlow and flow matching at equal minutes, two seeds, both tasks
+# (~1 h per task on 2 cores): runs/options/options_<task>.md.
+options: fashion
+	$(PY) demo/options.py --task edge
+	$(PY) demo/options.py --task class
 
 run: demo
 
