@@ -8,7 +8,7 @@ START  := $(shell date +%s)
 # Offline by default: nothing here downloads from a model or dataset hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo ablation options run fashion bench gpu-check clean-venv chromium
+.PHONY: setup test test-fast demo ablation options run fashion bench gpu-check clean-venv chromium
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,15 @@ chromium:
 		apt-get update -qq && apt-get install -y -qq chromium; \
 	else echo "install Debian's chromium (sudo apt-get install chromium)"; exit 1; fi; }
 
+# The whole suite, one test file per worker on every core (most tests run single-threaded
+# subprocesses of the real entry points, so a second worker uses the second core).
 test: setup chromium
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
+
+# The edit-test loop: the suite without the tests marked slow (end-to-end runs of several
+# entry points, the browser, the GPU check's CPU mode).
+test-fast: setup
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
