@@ -98,6 +98,7 @@ def stroke(page, box: dict, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
+@pytest.mark.slow
 def test_drawing_updates_the_one_step_image(server, tmp_path):
     from playwright.sync_api import sync_playwright
     url, chromium = server

@@ -36,6 +36,7 @@ def tiny_fashion(tmp_path: Path) -> Path:
     return data
 
 
+@pytest.mark.slow
 def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
     data = tiny_fashion(tmp_path)
     common = ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out",

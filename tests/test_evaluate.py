@@ -29,6 +29,7 @@ def evaluate(ckpt: Path, *args, nproc: int = 1):
     return run(cmd + ["--ckpt", str(ckpt), *args])
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_process_count(trained, tmp_path):
     outs, rows = [], []
     for world in (1, 2, 3):
@@ -67,6 +68,7 @@ def test_a_checkpoint_evaluates_like_the_export_of_its_step(trained, tmp_path):
     assert len(pngs[0]) == 4 and pngs[0] == pngs[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_path):
     out = tmp_path / "curve"
     common = ["--num-samples", "6", "--compare-steps", "1,2", "--fid", "--no-png"]
@@ -257,6 +259,7 @@ def test_a_checkpoints_evaluation_is_not_inside_the_checkpoint(trained):
     assert (copy / "eval" / "step_0000001" / "test" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_statistics_file_gives_the_in_cache_fid(trained, tmp_path):
     """The same 6 real images as a --ref-stats file (preprocess/fid_stats.py) and as the
     in-cache reference: the same FID, KID and precision/recall."""

@@ -4,6 +4,8 @@ as flow matching, a resume, a `torchrun evaluate.py` with FID, one table and a J
 from __future__ import annotations
 
 import json
+
+import pytest
 import math
 
 import torch
@@ -21,6 +23,7 @@ def test_gpu_check_without_a_gpu_says_so_and_succeeds():
         "logic on the CPU)"]
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_cpu_mode_runs_every_stage(tmp_path):
     out = tmp_path / "gc"
     res = run([PY, "bench/gpu_check.py", "--tiny-cpu", "--out", str(out), "--steps", "2",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from meanflow import MeanFlowConfig, MeanFlowLoss, sample
@@ -70,6 +71,7 @@ def evaluate(net: ToyMLP, steps: int, n: int = 3000) -> float:
     return sum(per_class) / len(per_class)
 
 
+@pytest.mark.slow
 def test_meanflow_one_step_matches_many_step_flow_matching():
     steps = 3000
     mf = train(ratio=0.75, steps=steps)
