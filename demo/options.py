@@ -92,7 +92,10 @@ def row(a, name: str, seed: int) -> dict:
         run = train(a, base / "dmf", m, seed, "meanflow.time_dist=dmf")
     else:
         raise ValueError(name)
-    return dict(steps=steps_of(run), results=evaluate(a, run, MF_STEPS))
+    steps = steps_of(run)
+    if name in ("warm start", "teacher"):           # flow-matching steps + MeanFlow steps
+        steps = f"{steps_of(fm)} + {steps}"
+    return dict(steps=steps, results=evaluate(a, run, MF_STEPS))
 
 
 ROWS = ("flow matching", "MeanFlow", "warm start", "AlphaFlow", "teacher", "DMF times")
