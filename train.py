@@ -67,13 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Run:
     """Rank-0-only side effects (console, TensorBoard, CSV) behind one object."""
 
-    def __init__(self, accelerator, run_dir: Path, enabled_tb: bool = True):
+    def __init__(self, accelerator, run_dir: Path):
         self.acc = accelerator
         self.is_main = accelerator.is_main_process
         self.run_dir = run_dir
         self.tb = None
         self.csv_header = None
-        if self.is_main and enabled_tb:
+        if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
 

@@ -10,7 +10,6 @@ documentation live in one place.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -427,7 +426,3 @@ def config_help(width: int = 100) -> str:
                                    subsequent_indent="      ", break_on_hyphens=False)
     return "\n".join(lines)
 
-
-def model_config_from_json(text: str) -> ModelConfig:
-    """Rebuild a :class:`ModelConfig` from the JSON written next to exported weights."""
-    return from_dict(json.loads(text), cls=ModelConfig)

@@ -81,10 +81,6 @@ def sample_key(split: str, category: str, stem: str) -> str:
     return f"{key_part(split)}/{key_part(category)}/{key_part(stem)}"
 
 
-def is_sample_key(key: str) -> bool:
-    return not key.startswith(RESERVED_PREFIX)
-
-
 def key_category(key: str) -> str:
     """The category component of a sample key."""
     parts = key.split("/", 2)
