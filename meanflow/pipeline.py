@@ -20,7 +20,6 @@ On CUDA the network runs under bf16 autocast and the VAE decodes in fp32.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -235,10 +234,8 @@ class Pipeline:
         edge = None if edges is None else torch.as_tensor(edges).to(self.device)
         label = (None if labels is None
                  else torch.as_tensor(list(labels), dtype=torch.long, device=self.device))
-        amp = (torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda"
-               else contextlib.nullcontext())
-        with amp:
-            x = sample(self.model, noise, steps, edge=edge, label=label)
+        amp = torch.bfloat16 if self.device.type == "cuda" else None
+        x = sample(self.model, noise, steps, edge=edge, label=label, autocast_dtype=amp)
         img = self.decode(x.float())                  # outside autocast: the VAE in fp32
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return img.permute(0, 2, 3, 1).cpu().numpy()
