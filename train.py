@@ -546,6 +546,7 @@ def main(argv=None) -> int:
     # train.max_minutes is a budget for the whole run, resumes included: a finished run
     # started again does nothing (so scripts can re-run it to reuse what is done).
     budget_s = 60 * tc.max_minutes if tc.max_minutes > 0 else math.inf
+    clock = time.process_time if tc.budget_clock == "cpu" else time.time
     if step >= tc.max_steps or trained_s >= budget_s:
         run.print(f"nothing to do: the run is complete at step {step} ({trained_s / 60:.1f} "
                   f"min of train.max_minutes={tc.max_minutes}, train.max_steps={tc.max_steps})")
@@ -594,7 +595,7 @@ def main(argv=None) -> int:
                 # checkpoint as it takes an export (its weights: the first EMA)
                 save_ema(tmp, ema)
                 export_config(tmp, cfg, data.meta, at, tc.ema_decays[0])
-                (tmp / COMPLETE).write_text(f"{at} {trained_s + time.time() - t_start:.3f}\n")
+                (tmp / COMPLETE).write_text(f"{at} {trained_s + clock() - t_start:.3f}\n")
                 # the export before the rename: a kill in between leaves the export ahead of
                 # the checkpoints, and a restart re-creates it from the one it resumes
                 export_model(run_dir / EXPORT_DIR, _ema_model(), cfg, data.meta, at,
@@ -624,7 +625,7 @@ def main(argv=None) -> int:
         return net
 
     nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").split(",") if s.strip()}
-    t_start, t_last, seen = time.time(), time.time(), 0
+    t_start, t_last, seen = clock(), time.time(), 0
     progress = None
     if accelerator.is_main_process:
         from tqdm import tqdm
@@ -669,7 +670,7 @@ def main(argv=None) -> int:
                 os._exit(137)
             continue
         # ---- sync point: every rank reads the same state -----------------------------------
-        over_budget = trained_s + time.time() - t_start > budget_s
+        over_budget = trained_s + clock() - t_start > budget_s
         state = torch.stack([torch.tensor(float(stop["flag"]), device=device),
                              torch.tensor(float(over_budget), device=device),
                              streak, skipped, *[nf.float() for _, nf in pending]])

@@ -4,9 +4,11 @@
     python demo/options.py --task class --minutes 3 --seeds 0 1
 
 Every row gets the same training minutes on one thread (two runs side by side on a 2-core
-machine); a teacher's or warm start's own flow-matching minutes count in that budget (half of
-it, then half for the MeanFlow run that uses it). Each model is evaluated on the same N test
-samples (FID at N = 1,000 by default; MeanFlow at 1, 2, 4 steps, flow matching at 1, 2, 4, 16).
+machine), counted as the training process's CPU time (train.budget_clock=cpu), so that other
+work on the machine does not move the budget; a teacher's or warm start's own flow-matching
+minutes count in that budget (half of it, then half for the MeanFlow run that uses it). Each
+model is evaluated on the same N test samples (FID at N = 1,000 by default; MeanFlow at 1, 2,
+4 steps, flow matching at 1, 2, 4, 16: --mf-steps / --fm-steps change the lists).
 Rows:
 
   flow matching         meanflow.ratio_r_neq_t=0
@@ -49,7 +51,8 @@ def train(a, run: Path, minutes: float, seed: int, *over: str) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     sh([sys.executable, "train.py", "--config", CONFIGS[a.task], "--run-dir", str(run),
         f"data.path={a.data}/train", f"data.val_path={a.data}/test", "data.num_workers=0",
-        f"train.max_minutes={minutes}", "train.max_steps=1000000", f"train.seed={seed}",
+        f"train.max_minutes={minutes}", "train.budget_clock=cpu", "train.max_steps=1000000",
+        f"train.seed={seed}",
         "train.image_every=1000000", *over], run / "train.log")
     return run
 
@@ -77,7 +80,7 @@ def row(a, name: str, seed: int) -> dict:
     m = a.minutes
     if name == "flow matching":
         run = train(a, base / "fm", m, seed, "meanflow.ratio_r_neq_t=0")
-        return dict(steps=steps_of(run), results=evaluate(a, run, FM_STEPS))
+        return dict(steps=steps_of(run), results=evaluate(a, run, a.fm_steps))
     if name == "MeanFlow":
         run = train(a, base / "mf", m, seed)
     elif name in ("warm start", "teacher"):
@@ -95,7 +98,26 @@ def row(a, name: str, seed: int) -> dict:
     steps = steps_of(run)
     if name in ("warm start", "teacher"):           # flow-matching steps + MeanFlow steps
         steps = f"{steps_of(fm)} + {steps}"
-    return dict(steps=steps, results=evaluate(a, run, MF_STEPS))
+    return dict(steps=steps, results=evaluate(a, run, a.mf_steps))
+
+
+def fid_at(run: dict, steps: int):
+    return next((r["fid"] for r in run["results"] if r["steps"] == steps), None)
+
+
+def versus(task: str, mf: dict, fm: dict) -> str:
+    """One seed's MeanFlow 1-step FID against the issue's bar: edge, flow matching's best
+    over its step counts (and its 1 step); class, flow matching's 1 step."""
+    one, fm_one = fid_at(mf, 1), fid_at(fm, 1)
+    if one is None or fm_one is None:
+        return "n/a"
+    if task == "edge":
+        ratio = one / min(r["fid"] for r in fm["results"])
+        met = ratio <= 1.1 and one < fm_one
+    else:
+        ratio = one / fm_one
+        met = ratio <= 1 / 3
+    return f"{ratio:.2f}{' met' if met else ''}"
 
 
 ROWS = ("flow matching", "MeanFlow", "warm start", "AlphaFlow", "teacher", "DMF times")
@@ -111,6 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "fashion"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "options"))
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
+    ap.add_argument("--mf-steps", type=int, nargs="+", default=MF_STEPS,
+                    help="sampling steps at which the MeanFlow rows are evaluated")
+    ap.add_argument("--fm-steps", type=int, nargs="+", default=FM_STEPS,
+                    help="sampling steps at which flow matching is evaluated")
     a = ap.parse_args(argv)
     jobs = [(name, s) for s in a.seeds for name in a.rows]
     # First the runs that others build on (the plain MeanFlow run sizes AlphaFlow's schedule;
@@ -130,23 +156,30 @@ def main(argv=None) -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"options_{a.task}.json").write_text(json.dumps(dict(
         task=a.task, minutes=a.minutes, seeds=a.seeds, n=a.n, rows=table), indent=2))
-    lines = [f"{a.task} task, {a.minutes:g} training minutes per row (one thread), FID at "
-             f"N = {a.n}; seeds {', '.join(map(str, a.seeds))}: per seed and mean", "",
-             "| option | steps | 1 step | 2 steps | 4 steps | 16 steps | best |",
-             "|---|---|---|---|---|---|---|"]
+    cols = sorted(set(a.mf_steps) | set(a.fm_steps))
+    bar = ("MeanFlow 1 step / flow matching's best (target <= 1.1, and below flow matching's "
+           "1 step)" if a.task == "edge" else
+           "MeanFlow 1 step / flow matching's 1 step (target <= 0.33)")
+    lines = [f"{a.task} task, {a.minutes:g} training minutes per row (CPU time of one thread), "
+             f"FID at N = {a.n}; seeds {', '.join(map(str, a.seeds))}: per seed and mean. "
+             f"Last column: {bar}, per seed", "",
+             "| option | steps | " + " | ".join(f"{k} step{'s' * (k > 1)}" for k in cols)
+             + " | best | vs flow matching |",
+             "|---|---|" + "---|" * len(cols) + "---|---|"]
     for name in a.rows:
         per = table[name]
         cells = []
-        for k in (1, 2, 4, 16):
-            vals = [next((r["fid"] for r in per[s]["results"] if r["steps"] == k), None)
-                    for s in a.seeds]
+        for k in cols:
+            vals = [fid_at(per[s], k) for s in a.seeds]
             vals = [v for v in vals if v is not None]
             cells.append(" / ".join(f"{v:.1f}" for v in vals) +
                          (f" (mean {sum(vals) / len(vals):.1f})" if len(vals) > 1 else "")
                          if vals else "")
         best = min(r["fid"] for s in a.seeds for r in per[s]["results"])
+        vs = ("" if name == "flow matching" or "flow matching" not in table else
+              " / ".join(versus(a.task, per[s], table["flow matching"][s]) for s in a.seeds))
         lines.append(f"| {name} | {' / '.join(str(per[s]['steps']) for s in a.seeds)} | "
-                     + " | ".join(cells) + f" | {best:.1f} |")
+                     + " | ".join(cells) + f" | {best:.1f} | {vs} |")
     (Path(a.out) / f"options_{a.task}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

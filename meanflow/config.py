@@ -170,7 +170,13 @@ class TrainConfig:
     batch_size: int = _f(64, lo=1, doc="global batch per optimizer step (before accumulation)")
     grad_accum: int = _f(1, lo=1, doc="micro-batches accumulated per optimizer step")
     max_steps: int = _f(100_000, lo=1, doc="optimizer steps")
-    max_minutes: float = _f(0.0, lo=0.0, doc="stop after this wall time (0 = no limit)")
+    max_minutes: float = _f(0.0, lo=0.0, doc="stop after this much training time, resumes "
+                                             "included (0 = no limit); see budget_clock")
+    budget_clock: str = _f("wall", choices=("wall", "cpu"),
+                           doc="what max_minutes counts: wall-clock time, or the training "
+                               "process's CPU time (all its threads, not DataLoader workers), "
+                               "which other jobs on the machine barely move: for comparisons "
+                               "at equal compute on a shared machine")
     lr: float = _f(1e-4, lo=0.0, lo_open=True, doc="AdamW learning rate (after warm-up)")
     betas: list = _f([0.9, 0.95], doc="AdamW betas")
     weight_decay: float = _f(0.0, lo=0.0, doc="AdamW weight decay")
