@@ -208,7 +208,13 @@ class TrainConfig:
     ema_decays: list = _f([0.999], doc="one EMA of the weights per decay; the first is "
                                        "exported")
     seed: int = _f(0, lo=0, doc="seed of the initialisation, data order and every draw")
-    log_every: int = _f(50, lo=1, doc="scalars to TensorBoard / metrics.csv every N steps")
+    log_every: int = _f(50, lo=1, doc="scalars to the tracker and metrics.csv every N steps")
+    log_with: str = _f("tensorboard", choices=("tensorboard", "wandb", "mlflow", "aim",
+                                               "comet_ml", "none"),
+                       doc="Accelerate's tracker for scalars and validation grids: TensorBoard "
+                           "in RUN/tb, or W&B / MLflow / Aim / Comet (their package installed, "
+                           "configured by their own environment variables); metrics.csv is "
+                           "written in every case")
     image_every: int = _f(1000, lo=1, doc="validation image grid every N steps")
     ckpt_every: int = _f(1000, lo=1, doc="checkpoint (and export) every N steps")
     keep_checkpoints: int = _f(3, lo=1, doc="the newest N checkpoints are kept")

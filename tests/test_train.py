@@ -79,7 +79,17 @@ def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
                 "train/grad_norm", "train/lr", "train/samples_per_s"):
         assert key in header, key
     assert len(lines) == 1 + 3                                 # steps 2, 4, 6
-    assert list((rd / "tb").glob("events.out.tfevents.*"))
+    # TensorBoard through Accelerate's tracker: the scalars at the logging steps, the grid at
+    # the image steps ([edge | real | EMA 1 step | 2 steps] per validation sample, 16 px
+    # tiles, 1 px padding)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(rd / "tb"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    csv_loss = [float(ln.split(",")[header.index("train/loss")]) for ln in lines[1:]]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(csv_loss, rel=1e-5)
+    grids = events.Images("val/edge_gt_ema1_ema2")
+    assert [g.step for g in grids] == [3, 6]
+    assert grids[0].width == 4 * 17 + 1 and (grids[0].height - 1) % 17 == 0
     w = final_weights(rd)
     assert all(torch.isfinite(v).all() for v in w.values())
 
@@ -187,8 +197,56 @@ def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, datase
     assert res.returncode == 2 and "unknown config key 'train.lrr'" in res.stderr
     res = train(cfg, tmp_path / "size", "data.image_size=32", "model.input_size=32",
                 "model.edge_size=32")
-    assert res.returncode == 2 and "image" in res.stderr and "32" in res.stderr
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: dataset 'train' (__meta__) has image_size=16 but the config has "
+        "data.image_size=32"]
     assert not (tmp_path / "size" / "checkpoints").exists()
     res = train(cfg, tmp_path / "dry", "--dry-run")
     assert res.returncode == 0
     assert "parameters" in res.stdout and "96 records" in res.stdout
+
+
+def test_cpu_budget_clock_does_not_count_time_the_process_is_stopped(tmp_path, dataset):
+    """train.budget_clock=cpu: train.max_minutes counts the process's CPU time, so a trainer
+    that other jobs hold up still gets its whole budget (comparisons at equal compute on a
+    shared machine). The stimulus is a SIGSTOP of 3 s, longer than the 1.2 s budget: a wall
+    clock would stop at the first step after it. Also: train.log_with=none writes no
+    TensorBoard folder, and metrics.csv still."""
+    cfg = write_cfg(tmp_path, dataset)
+    rd = tmp_path / "cpu"
+    proc = subprocess.Popen([PY, "train.py", "--config", str(cfg), "--run-dir", str(rd),
+                             "train.max_steps=100000", "train.ckpt_every=100000",
+                             "train.image_every=100000", "train.sync_every=1",
+                             "train.budget_clock=cpu", "train.max_minutes=0.02",
+                             "train.log_with=none"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:                 # printed once the budget's clock has started
+        if "parameters;" in line:
+            break
+    proc.send_signal(signal.SIGSTOP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=3)                 # the process is stopped: this always times out
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "(train.max_minutes reached)" in out
+    (ckpt,) = (rd / "checkpoints").glob("step_*")
+    step, secs = (ckpt / "COMPLETE").read_text().split()
+    assert 1.2 <= float(secs) < 2.5          # CPU seconds: the stop is not in it
+    assert int(step) > 1
+    assert not (rd / "tb").exists() and (rd / "metrics.csv").is_file()
+
+
+def test_a_tracker_whose_package_is_missing_is_an_error(monkeypatch, tmp_path):
+    """Accelerate drops a tracker whose package is missing without a word; train.py stops."""
+    import accelerate.tracking
+    import train as train_py
+    from meanflow.config import ConfigError, load_config
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["tensorboard"])
+    cfg = load_config(ROOT / "configs" / "fashion_demo.yaml", ["train.log_with=wandb"])
+    with pytest.raises(ConfigError) as e:
+        train_py.start_trackers(None, cfg, tmp_path)
+    assert str(e.value) == ("train.log_with=wandb: its package is not installed (pip install "
+                            "wandb)")
