@@ -380,6 +380,13 @@ class Session:
     ema_model: Optional[torch.nn.Module]   # main process: THE network holding EMA 0 for grids
     #                                        and exports, refreshed by ``ema_weights``
     clock: Callable[[], float]      # train.budget_clock: time.time or time.process_time
+    opt: Any = None
+    forward_model: Any = None       # the model the loss's gradient pass calls (compiled or not)
+    loss_fn: Optional[MeanFlowLoss] = None
+    data: Any = None
+    val_data: Any = None
+    n_params: int = 0
+    lock: Optional[RunLock] = None
     trained_s: float = 0.0          # training time of earlier sessions of this run
     t_start: float = 0.0            # this session's start on ``clock``
     progress: Any = None            # tqdm on the main process
@@ -665,7 +672,10 @@ def validation_batch(cfg: Config, val_data, device) -> dict:
     return dict(x=x, edge=edge, label=label, noise=torch.randn(x.shape, generator=g).to(device))
 
 
-def run_training(args, cfg: Config) -> int:
+def build_session(args, cfg: Config) -> Optional[Session]:
+    """Everything before the first step: the accelerator, the data checked against the config,
+    the model, the run folder claimed, trackers, warm start and teacher, optimizer and EMA.
+    Returns None after a dry run; raises SetupError on bad input."""
     tc = cfg.train
     run_dir = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
     accelerator = make_accelerator(cfg, run_dir)
@@ -697,7 +707,7 @@ def run_training(args, cfg: Config) -> int:
                   if missing is not None else
                   f"dataset {cfg.data.path}: {len(data)} records; {world} process(es), "
                   f"{per_rank} per process x {tc.grad_accum} accumulation")
-        return 0
+        return None
 
     lock = claim_run_dir(accelerator, run_dir, args.resume)
     if accelerator.is_main_process:
@@ -731,11 +741,22 @@ def run_training(args, cfg: Config) -> int:
             f"{n_neq // math.gcd(tc.batch_size, n_neq)} samples and the slowest sets the pace "
             f"(choose train.batch_size and meanflow.ratio_r_neq_t so that gcd(batch, ratio x "
             f"batch) is a multiple of the process count)")
-    sess = Session(accelerator, cfg, run_dir, data.meta, model, ema,
+    return Session(accelerator, cfg, run_dir, data.meta, model, ema,
                    ema_model=(models.build(cfg.model).to(device).eval()
                               if accelerator.is_main_process else None),
-                   clock=time.process_time if tc.budget_clock == "cpu" else time.time)
+                   clock=time.process_time if tc.budget_clock == "cpu" else time.time,
+                   opt=opt, forward_model=forward_model, loss_fn=loss_fn, data=data,
+                   val_data=val_data, n_params=n_params, lock=lock)
 
+
+def run_training(args, cfg: Config) -> int:
+    sess = build_session(args, cfg)
+    if sess is None:                                   # --dry-run
+        return 0
+    tc, accelerator, data = cfg.train, sess.accelerator, sess.data
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    model, opt, ema, loss_fn = sess.model, sess.opt, sess.ema, sess.loss_fn
+    per_rank = tc.batch_size // world
     step = resume(sess, args.resume)
     # train.max_minutes is a budget for the whole run, resumes included: a finished run
     # started again does nothing (so scripts can re-run it to reuse what is done).
@@ -753,7 +774,7 @@ def run_training(args, cfg: Config) -> int:
         SeededItems(data, tc.seed), batch_size=per_rank, sampler=sampler,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=cfg.data.num_workers > 0)
-    val = validation_batch(cfg, val_data, device)
+    val = validation_batch(cfg, sess.val_data, device)
     from meanflow.codec import make_decoder
     decoder = make_decoder(data.meta, device) if accelerator.is_main_process else None
     stop, hooks, health, meter = StopRequest(), FaultHooks(), Health(device), Meter()
@@ -762,7 +783,7 @@ def run_training(args, cfg: Config) -> int:
         from tqdm import tqdm
         sess.progress = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
     sess.t_start, t_last, seen, exit_code = sess.clock(), time.time(), 0, 0
-    sess.print(f"{n_params / 1e6:.2f}M parameters; {len(data)} records; {world} process(es) "
+    sess.print(f"{sess.n_params / 1e6:.2f}M parameters; {len(data)} records; {world} process(es) "
                f"x {per_rank} x {tc.grad_accum} accumulation; device {device}, precision "
                f"{tc.mixed_precision}")
 
@@ -773,7 +794,7 @@ def run_training(args, cfg: Config) -> int:
     while step < tc.max_steps:
         batches = [next(it) for _ in range(tc.grad_accum)]
         ok, nonfinite, gnorm, stats = train_step(
-            model, forward_model, opt, ema, loss_fn, batches, step, accelerator=accelerator,
+            model, sess.forward_model, opt, ema, loss_fn, batches, step, accelerator=accelerator,
             cfg=cfg, world=world, rank=rank, fp16=fp16, channels_last=use_cl,
             nan=hooks.nan(step))
         loss_fn.check_values = tc.debug_checks
@@ -811,8 +832,8 @@ def run_training(args, cfg: Config) -> int:
 
     if sess.progress is not None:
         sess.progress.close()
-    if lock is not None:
-        lock.release()
+    if sess.lock is not None:
+        sess.lock.release()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return exit_code

@@ -213,3 +213,26 @@ def test_alpha_schedule_is_a_sigmoid_between_its_ends():
     sig = lambda x: 1 / (1 + math.exp(-x))                     # noqa: E731
     want = (sig(-k * (0.25 - 0.5)) - sig(-k / 2)) / (sig(k / 2) - sig(-k / 2))
     assert cfg.alpha_at(25) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_options_table_judges_each_seed_against_the_issues_bars():
+    """demo/options.py's last column: edge, MeanFlow's 1 step over flow matching's best
+    step count (<= 1.1, and below flow matching's own 1 step); class, over flow matching's
+    1 step (<= 1/3)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "demo" / "options.py"
+    spec = importlib.util.spec_from_file_location("options_script", path)
+    options = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(options)
+
+    def run(**fids):
+        return dict(results=[dict(steps=int(k[1:]), fid=v) for k, v in fids.items()])
+    fm = run(s1=44.0, s2=40.0, s4=39.6, s16=48.0)
+    assert options.versus("edge", run(s1=43.0), fm) == "1.09 met"       # 43 / 39.6
+    assert options.versus("edge", run(s1=44.5), fm) == "1.12"           # above 1.1
+    # within 1.1 of the best but not below flow matching's own 1 step: not met
+    assert options.versus("edge", run(s1=43.0), run(s1=42.0, s4=39.6)) == "1.09"
+    assert options.versus("class", run(s1=70.0), run(s1=220.0)) == "0.32 met"
+    assert options.versus("class", run(s1=80.0), run(s1=220.0)) == "0.36"
+    assert options.versus("class", run(s2=80.0), run(s1=220.0)) == "n/a"
