@@ -1,12 +1,13 @@
 """demo/run.py end to end on a tiny Fashion-MNIST-format set: the ablation trains the four
-models through `accelerate launch`, evaluates every step count at one N, computes the floor
-and writes its tables, grids and bars; the demo run after it reuses every model and the
-MeanFlow evaluation instead of redoing them."""
+models with train.py, evaluates them with evaluate.py and computes the floor from two
+preprocess/fid_stats.py files; the tables hold exactly the numbers those programs wrote; the
+demo run after it reuses every model and evaluation; nothing lands in the source tree except
+through `pictures`, which copies the files as they are."""
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from helpers import PY, run, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12                       # test samples per FID (the tiny set has 32)
-ROWS, ZOOM = 8, 3            # demo/run.py's grid rows and tile zoom
+TRAIN_STEPS = 4              # every model's budget here: train.max_steps, no time limit
+TILE = 32 + 2                # evaluate.py's grid: 32 x 32 tiles, 2 pixels of padding
 
 
 def demo_module():
@@ -36,130 +38,130 @@ def tiny_fashion(tmp_path: Path) -> Path:
     return data
 
 
+def source_tree() -> dict:
+    """Every file of the checkout (ignored ones too) with its size and mtime."""
+    out = {}
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache")]
+        for f in files:
+            st = os.lstat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), ROOT)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def tables(md: str) -> list[list[list[str]]]:
+    """The markdown tables of ``md``: rows of cells, header and separator dropped."""
+    out, cur = [], None
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur = [] if cur is None else cur
+            cur.append([c.strip() for c in line.strip("|").split("|")])
+        elif cur is not None:
+            out.append(cur[2:])
+            cur = None
+    return out
+
+
+def score_cells(r: dict) -> list[str]:
+    """FID, KID x 1e3, edge F1 and N of an evaluate.py row as the tables print them."""
+    return [f"{r['fid']:.1f}", f"{1e3 * r['kid']:.2f}",
+            f"{r['edge_f1']:.3f}" if "edge_f1" in r else "", str(r["n"])]
+
+
 @pytest.mark.slow
-def test_ablation_then_demo_reuses_models_and_evaluations(tmp_path):
+def test_ablation_then_demo_then_pictures(tmp_path):
     data = tiny_fashion(tmp_path)
-    common = ["--data", str(data), "--runs", str(tmp_path / "runs"), "--out",
-              str(tmp_path / "out"), "--edge-minutes", "0.03", "--class-minutes", "0.03",
-              "--num-samples", str(N)]
+    runs = tmp_path / "runs"
+    common = ["--data", str(data), "--runs", str(runs), "--num-samples", str(N),
+              "train.max_minutes=0", f"train.max_steps={TRAIN_STEPS}", "train.warmup_steps=0"]
     cache = dict(MEANFLOW_CACHE_DIR=tmp_path / "cache")
+    before = source_tree()
 
     abl = run([PY, "demo/run.py", "ablation", *common], timeout=900, **cache)
     assert abl.returncode == 0, (abl.stdout + abl.stderr)[-4000:]
-    summary = json.loads((tmp_path / "out" / "ablation.json").read_text())
-    got = {k: [r["steps"] for r in v] for k, v in summary["results"].items() if k != "floor"}
-    assert got == {"edge_mf": [1, 2, 4], "edge_fm": [1, 2, 4, 16], "class_mf": [1, 2, 4],
-                   "class_fm": [1, 2, 4, 16]}
-    for k, rows in summary["results"].items():
-        for r in (rows if k != "floor" else [rows]):
-            assert r["n"] == N and np.isfinite(r["fid"]) and r["fid"] > 0, (k, r)
-    # where FID rises with steps (from a > 1 steps), the merged-grid probe was measured at N
+    summary = json.loads((runs / "ablation.json").read_text())
+    assert list(summary["results"]) == ["edge_mf", "class_mf", "edge_fm", "class_fm"]
+    md_tables = tables((runs / "ablation.md").read_text())
+    assert len(md_tables) == 3                       # the runs, edge -> image, class -> image
+
+    # each model: trained for the budget; its row holds its export's step and its config
     demo_run = demo_module()
-    for k, rows in summary["results"].items():
-        rise = demo_run.first_rise(rows) if k.startswith("edge") else None
-        if rise is not None and rise[0] > 1:
-            p = summary["probes"][k]
-            assert p["steps"] == demo_run.probe_spec(rise) and p["n"] == N, (k, p)
-        else:
-            assert k not in summary["probes"], k
-    assert all("edge_f1" in r for r in summary["results"]["edge_fm"])
-    assert not any("edge_f1" in r for r in summary["results"]["class_fm"])
-    assert len(summary["bars"]) == 4 and all(isinstance(b["met"], bool)
-                                             for b in summary["bars"])
-    md = (tmp_path / "out" / "ablation.md").read_text()
-    assert "real train images (floor)" in md and "| bar | measured | met |" in md
-    assert md.count("| flow matching |") == 8               # 4 step counts x 2 tasks
-    # edge | real | MeanFlow 1, 2, 4 | flow matching 1, 2, 4, 16: 9 columns of 32 x 32 tiles
-    w, h = Image.open(tmp_path / "out" / "ablation_edge_grid.png").size
-    tile = 32 * ZOOM + 2
-    assert (w, h) == (9 * tile + 2, ROWS * tile + 2)
-    # 10 class rows; 3 groups of 8 samples with 2 blank separators
-    w, h = Image.open(tmp_path / "out" / "ablation_class_grid.png").size
-    assert (w, h) == ((3 * 8 + 2) * tile + 2, 10 * tile + 2)
+    by_model = {row[0]: row for row in md_tables[0]}
+    for name in demo_run.RUNS:
+        step = json.loads((runs / name / "export" / "model_config.json").read_text())["step"]
+        info = summary["runs"][name]
+        assert info["steps"] == step == TRAIN_STEPS, name
+        assert by_model[name][3] == str(step) and by_model[name][4] == f"{info['minutes']:.1f}"
+        cfg = (runs / name / "config.yaml").read_text()
+        assert f"ratio_r_neq_t: {info['ratio_r_neq_t']}" in cfg, name
+    assert [summary["runs"][k]["ratio_r_neq_t"] for k in demo_run.RUNS] == [0.1, 0.25, 0.0, 0.0]
+
+    # the floor: FID of the two fid_stats.py files, recomputed here
+    from meanflow import metrics
+    fl = summary["floor"]
+    stats = [metrics.load_reference_npz(fl[k]) for k in ("train_stats", "test_stats")]
+    assert [s["n"] for s in stats] == [N, N]
+    assert Path(fl["train_stats"]).parent == runs / "floor"
+    assert fl["fid"] == pytest.approx(metrics.fid_from_statistics(*stats), rel=1e-6)
+    assert fl["n"] == N
+
+    # every score: what evaluate.py wrote, and the tables print exactly those numbers
+    for task, table in zip(("edge", "class"), md_tables[1:]):
+        want = []
+        for name, label in ((f"{task}_mf", "MeanFlow"), (f"{task}_fm", "flow matching")):
+            res = json.loads((runs / name / "eval" / f"test_n{N}_seed0" / "results.json")
+                             .read_text())
+            assert res["meta"]["step"] == TRAIN_STEPS and res["meta"]["n"] == N
+            assert summary["results"][name] == res["results"], name
+            assert [r["steps"] for r in res["results"]] == demo_run.STEPS[name[-2:]]
+            assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in res["results"])
+            assert all(("edge_f1" in r) == (task == "edge") for r in res["results"])
+            want += [[label, str(r["steps"]), *score_cells(r)] for r in res["results"]]
+        want.append(["real train images (floor)", "", f"{fl['fid']:.1f}", "", "", str(N)])
+        assert table == want, task
+
+    # the grids are evaluate.py's: [edge | real | one column per step count] on 8 test rows,
+    # one row per class (balanced labels) without edge or real
+    grids = {"grid.png": ("edge_mf", f"test_n{N}_seed0", 2 + 3, 8),
+             "class_grid.png": ("class_mf", "classes_seed0", 3, 10),
+             "ablation_edge_grid.png": ("edge_fm", f"test_n{N}_seed0", 2 + 4, 8),
+             "ablation_class_grid.png": ("class_fm", "classes_seed0", 4, 10)}
+    for f, (name, ev, cols, rows) in grids.items():
+        src = runs / name / "eval" / ev / "grid.png"
+        assert (runs / f).read_bytes() == src.read_bytes(), f
+        assert Image.open(runs / f).size == (cols * TILE + 2, rows * TILE + 2), f
 
     demo = run([PY, "demo/run.py", "demo", *common], timeout=600, **cache)
     assert demo.returncode == 0, (demo.stdout + demo.stderr)[-4000:]
     assert demo.stdout.count("nothing to do: the run is complete") == 2   # both MF models
-    assert "reusing" in demo.stdout and "evaluate.py" not in demo.stdout
-    text = (tmp_path / "out" / "results.md").read_text()
-    assert "| MeanFlow | 1 |" in text and "(grid.png)" in text and "(class_grid.png)" in text
-    w, h = Image.open(tmp_path / "out" / "grid.png").size
-    assert (w, h) == (5 * tile + 2, ROWS * tile + 2)
+    assert demo.stdout.count("reusing") == 2 and "evaluate.py" not in demo.stdout
+    runs_rows, edge_rows = tables((runs / "results.md").read_text())
+    assert [r[0] for r in runs_rows] == ["edge_mf", "class_mf"]
+    assert edge_rows == [["MeanFlow", str(r["steps"]), *score_cells(r)]
+                         for r in summary["results"]["edge_mf"]]
+    assert source_tree() == before, "demo/run.py wrote into the source tree"
+
+    docs = tmp_path / "docs_demo"
+    pics = run([PY, "demo/run.py", "pictures", "--runs", str(runs), "--to", str(docs)])
+    assert pics.returncode == 0, pics.stderr[-3000:]
+    assert sorted(p.name for p in docs.iterdir()) == sorted(demo_run.PICTURES)
+    for f in demo_run.PICTURES:
+        assert (docs / f).read_bytes() == (runs / f).read_bytes(), f
 
 
-def test_monotone_note_reports_where_quality_is_lost():
+def test_pictures_copies_what_the_runs_hold_and_nothing_else(tmp_path):
     demo_run = demo_module()
-    rows = [dict(steps=s, fid=f) for s, f in ((1, 60.0), (2, 46.0), (4, 44.0), (16, 65.0))]
-    assert demo_run.first_rise(rows) == (4, 16)
-    assert demo_run.probe_spec((4, 16)) == "16@0.25" and demo_run.probe_spec((2, 4)) == "4@0.5"
-    assert demo_run.first_rise(rows[:3]) is None and demo_run.monotone_note("x", rows[:3], None) == []
-    near = demo_run.monotone_note("edge FM", rows, dict(fid=47.0, nfe=13))
-    assert "44.0 -> 65.0" in near[0] and "13 NFE" in near[0] and "near the data (t < 0.25)" in near[0]
-    far = demo_run.monotone_note("edge FM", rows, dict(fid=63.0, nfe=13))
-    assert "above t = 0.25" in far[0]
-    # a rise within the sampling noise is reported as such, gets no probe and no cause,
-    # and does not hide a real rise further on
-    noisy = [dict(steps=s, fid=f) for s, f in ((1, 46.8), (2, 43.3), (4, 43.6))]
-    assert demo_run.first_rise(noisy) is None
-    note = demo_run.monotone_note("edge MF", noisy, None)
-    assert len(note) == 1 and "43.3 -> 43.6" in note[0] and "too small to locate" in note[0]
-    both = noisy + [dict(steps=16, fid=50.0)]
-    assert demo_run.first_rise(both) == (4, 16)
-    assert "43.6 -> 50.0" in demo_run.monotone_note("edge MF", both, None)[0]
-
-
-SPEED = dict(inception_s=0.1, edge_nfe_s=0.003, cls_nfe_s=0.002)
-
-
-def test_budget_plan_gives_training_what_the_evaluation_leaves(tmp_path, monkeypatch, capsys):
-    R = demo_module()
-    n = 1000
-    # the estimate counts every sample's Inception pass and network evaluations, the fixed
-    # cost of each evaluate.py call and step count, and a safety margin
-    est = R.eval_seconds([("edge", [1, 2, 4])], n, SPEED)
-    assert est == pytest.approx(R.SAFETY * (3 * n * 0.1 + n * 0.003 * 7) + R.EVAL_CALL_S
-                                + 3 * R.EVAL_SPEC_S)
-    assert R.nfe("16@0.25") == 13 and R.nfe("4@0.5") == 3 and R.nfe(16) == 16
-    assert R.eval_seconds([("cls", [1])], n, SPEED, ref_images=n) > R.eval_seconds(
-        [("cls", [1])], n, SPEED)
-
-    runs = tmp_path / "runs"
-    monkeypatch.setattr(R, "measure_speed", lambda args: SPEED)
-    args = R.parse_args(["demo", "--runs", str(runs), "--budget-minutes", "25"])
-    p = R.plan(args, time.time() - 120)              # two minutes of set-up already spent
-    left = 25 * 60 - 120 - est - R.GRIDS_S - 2 * R.TRAIN_OVERHEAD_S
-    assert p["edge_minutes"] + p["class_minutes"] == pytest.approx(left / 60, abs=0.05)
-    assert p["edge_minutes"] / p["class_minutes"] == pytest.approx(9 / 4, rel=0.01)
-    assert p["fits"] and p["ablation_after_demo_estimate_min"] > p["edge_minutes"]
-    assert json.loads((runs / "plan.json").read_text()) == p
-
-    # decided once: a resumed demo or the ablation reuses it, whatever else changed
-    monkeypatch.setattr(R, "measure_speed", lambda args: pytest.fail("measured again"))
-    again = R.plan(R.parse_args(["ablation", "--runs", str(runs), "--budget-minutes", "5"]),
-                   time.time())
-    assert again == p
-    # given minutes win (both or neither)
-    given = R.plan(R.parse_args(["demo", "--runs", str(runs), "--edge-minutes", "3",
-                                 "--class-minutes", "1"]), time.time())
-    assert (given["edge_minutes"], given["class_minutes"]) == (3, 1)
-    with pytest.raises(SystemExit, match="both"):
-        R.plan(R.parse_args(["demo", "--runs", str(runs), "--edge-minutes", "3"]), time.time())
-
-    # a machine too slow for the budget: the minimum training, and a warning that says so
-    monkeypatch.setattr(R, "measure_speed", lambda args: dict(SPEED, inception_s=1.0))
-    slow = R.plan(R.parse_args(["demo", "--runs", str(tmp_path / "slow")]), time.time())
-    assert not slow["fits"]
-    assert (slow["edge_minutes"], slow["class_minutes"]) == (R.MIN_MINUTES["edge"],
-                                                             R.MIN_MINUTES["cls"])
-    assert "WARNING" in capsys.readouterr().out
-
-
-def test_measure_speed_and_the_reference_statistics(tmp_path, monkeypatch):
-    R = demo_module()
-    data = tiny_fashion(tmp_path)
-    monkeypatch.setenv("MEANFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    speed = R.measure_speed(R.parse_args(["demo", "--data", str(data), "--num-samples", str(N)]))
-    assert set(speed) == {"inception_s", "edge_nfe_s", "cls_nfe_s"}
-    assert all(np.isfinite(v) and 0 < v < 10 for v in speed.values()), speed
-    # the N test reference images are done (and cached for the evaluation) before training
-    assert len(list((data / "test" / "fid_ref").glob(f"*-n{N}-*.npz"))) == 1
+    args = demo_run.parse_args(["demo"])
+    assert (args.runs, args.to) == (str(ROOT / "runs/demo"), str(ROOT / "docs/demo"))
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    with pytest.raises(SystemExit, match="results.md"):
+        demo_run.main(["pictures", "--runs", str(runs), "--to", str(docs)])
+    assert not docs.exists()
+    # a demo without the ablation: its two grids and results.md, byte for byte
+    (runs / "edge_mf").mkdir(parents=True)
+    written = {"results.md": b"# x\n", "grid.png": bytes(range(256)), "class_grid.png": b"\x89"}
+    for f, b in written.items():
+        (runs / f).write_bytes(b)
+    (runs / "edge_mf" / "grid.png").write_bytes(b"not copied")
+    assert demo_run.main(["pictures", "--runs", str(runs), "--to", str(docs)]) == 0
+    assert {p.name: p.read_bytes() for p in docs.iterdir()} == written
