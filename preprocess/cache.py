@@ -8,7 +8,7 @@
         --codec pixel --edges canny
     python preprocess/cache.py --inspect data/afhq_v2/train       # metadata + a PNG grid
 
-Each split becomes its own LMDB folder ``OUT/<split>`` (format: preprocess/records.py).
+Each split becomes its own LMDB folder ``OUT/<split>`` (format: meanflow/records.py).
 Writes are transactions of one batch, so a run killed at any moment and started again
 skips what is already stored and finishes with no duplicate or torn record; the metadata
 record (key list, counts) is rebuilt at the end of every run. Files that cannot be used
@@ -41,10 +41,9 @@ from PIL import Image  # noqa: E402
 from preprocess.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
                               EdgeConfigError, EdgeDetector, build_detector, hub_failure,
                               looks_like_path)
-from preprocess.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
-                                FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
-                                encode_meta,
-                                encode_record, key_category, key_part)
+from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
+                              FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
+                              encode_meta, encode_record, key_category, key_part)
 from preprocess.sources import (Item, Source, SourceError, open_sources,  # noqa: E402
                                 prepare_image)
 

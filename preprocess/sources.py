@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from preprocess.records import key_part, sample_key
+from meanflow.records import key_part, sample_key
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")

@@ -1,9 +1,9 @@
 """The on-disk format of a cached dataset: one LMDB environment per split.
 
 Every value is a safetensors blob (a JSON header + raw little-endian arrays): reading a
-dataset someone else wrote never unpickles anything, so it cannot run code. Only numpy,
-safetensors and the standard library are imported here, so the format can be read without
-torch, diffusers or OpenCV.
+dataset someone else wrote never unpickles anything, so it cannot run code. This module
+imports only numpy, safetensors and the standard library: reading the format needs no
+diffusers or OpenCV.
 
 Keys (UTF-8, sorted bytewise = sorted as Python strings)
     ``<split>/<category>/<stem>``        one sample (Fashion-MNIST: ``<split>/<class>/<index:05d>``)
