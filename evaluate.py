@@ -559,7 +559,7 @@ def sample_names(ds, meta: dict, balanced: bool, mcfg: ModelConfig) -> Callable[
 
 def edge_detector(meta: dict, device: torch.device):
     """Generated uint8 [B, H, W, C] -> bool [B, S, S] edges, made as the dataset's were."""
-    from preprocess.edges import detector_from_meta
+    from meanflow.edges import detector_from_meta
     det = detector_from_meta(meta, str(device))
 
     def detect(imgs: np.ndarray, size) -> np.ndarray:

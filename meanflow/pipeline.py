@@ -11,7 +11,7 @@ metadata the export records (``dataset_meta`` in model_config.json):
 * an edge map or hand-drawn sketch (white-on-black or black-on-white, any size and aspect)
   gets the dataset's geometry (ADM centre crop to the edge size, preprocess/sources.py) and
   is binarised: a pixel is an edge when a stroke at least half a source pixel wide crosses
-  it, as a detector's one-pixel contour would; then the detector's closing (preprocess/edges.py);
+  it, as a detector's one-pixel contour would; then the detector's closing (meanflow/edges.py);
 * a photo goes through the dataset's own pipeline and edge detector (detector_from_meta).
 
 Sample k of a call (inputs in order, ``num_per_input`` each) draws its noise from
@@ -35,12 +35,12 @@ from safetensors.torch import save_file
 from ._layout import repo_packages
 from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
+from .edges import close_gaps, detector_from_meta, quantize
 from .runtime import process_device
 from .sampling import sample, sample_noise
 from .training import EXPORT_CONFIG, EXPORT_DIR, load_export, mix_seed
 
 with repo_packages():
-    from preprocess.edges import close_gaps, detector_from_meta, quantize
     from preprocess.sources import center_crop_arr, prepare_image, to_rgb
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a

@@ -38,9 +38,9 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from preprocess.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
-                              EdgeConfigError, EdgeDetector, build_detector, hub_failure,
-                              looks_like_path)
+from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
+                            EdgeConfigError, EdgeDetector, build_detector, hub_failure,
+                            looks_like_path)
 from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
                               FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
                               encode_meta, encode_record, key_category, key_part)
@@ -117,7 +117,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     edg.add_argument("--canny-low", type=float, default=CANNY_LOW)
     edg.add_argument("--canny-high", type=float, default=CANNY_HIGH,
                      help="Canny hysteresis thresholds on the L2 gradient; 100/200 suit both "
-                          "32x32 Fashion-MNIST and 256x256 photos (see preprocess/edges.py)")
+                          "32x32 Fashion-MNIST and 256x256 photos (see meanflow/edges.py)")
     edg.add_argument("--canny-sigma", type=float, default=None,
                      help="Gaussian pre-blur (default: edge size / 256; none below 0.5)")
     edg.add_argument("--annotators", default=ANNOTATORS_ID,

@@ -29,7 +29,7 @@ from meanflow.config import DataConfig, ModelConfig
 from meanflow.data import (DatasetMismatchError, LMDBDataset, check_compatible, edge_array,
                            read_meta)
 from meanflow import records
-from preprocess.edges import CannyEdges, close_gaps, quantize
+from meanflow.edges import CannyEdges, close_gaps, quantize
 from preprocess.sources import center_crop_arr, read_idx, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -631,7 +631,7 @@ def test_hed_detector_class_around_random_network():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
-    from preprocess.edges import AnnotatorEdges
+    from meanflow.edges import AnnotatorEdges
 
     torch.manual_seed(0)
     det = AnnotatorEdges("hed", HEDdetector(ControlNetHED_Apache2().eval()), size=32, levels=4,
