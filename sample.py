@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    from meanflow.pipeline import center_crop_arr, to_rgb
+    from meanflow.images import center_crop_arr, to_rgb
     classes = pipe.class_names or [str(i) for i in range(pipe.mcfg.num_classes)]
     names = ([safe_name(f.stem) for f in files] if files
              else [f"label_{safe_name(classes[c['label']])}" for c in conds])

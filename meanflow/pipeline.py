@@ -9,7 +9,7 @@ Inputs are turned into the model's condition the way the training data's were, f
 metadata the export records (``dataset_meta`` in model_config.json):
 
 * an edge map or hand-drawn sketch (white-on-black or black-on-white, any size and aspect)
-  gets the dataset's geometry (ADM centre crop to the edge size, preprocess/sources.py) and
+  gets the dataset's geometry (ADM centre crop to the edge size, meanflow/images.py) and
   is binarised: a pixel is an edge when a stroke at least half a source pixel wide crosses
   it, as a detector's one-pixel contour would; then the detector's closing (meanflow/edges.py);
 * a photo goes through the dataset's own pipeline and edge detector (detector_from_meta).
@@ -36,12 +36,10 @@ from ._layout import repo_packages
 from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
 from .edges import close_gaps, detector_from_meta, quantize
+from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import process_device
 from .sampling import sample, sample_noise
 from .training import EXPORT_CONFIG, EXPORT_DIR, load_export, mix_seed
-
-with repo_packages():
-    from preprocess.sources import center_crop_arr, prepare_image, to_rgb
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -78,8 +76,6 @@ def _open_file(path: Path) -> Image.Image:
     if w * h > MAX_INPUT_PIXELS:
         raise InputError(f"{path}: {w}x{h} pixels is over the limit of {MAX_INPUT_PIXELS:,} "
                          f"(refused before decoding)")
-    with repo_packages():
-        from preprocess.sources import open_image
     try:
         return open_image(path, max_pixels=MAX_INPUT_PIXELS)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt: one line naming the file

@@ -41,11 +41,11 @@ from PIL import Image  # noqa: E402
 from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
                             EdgeConfigError, EdgeDetector, build_detector, hub_failure,
                             looks_like_path)
+from meanflow.images import prepare_image  # noqa: E402
 from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
                               FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
                               encode_meta, encode_record, key_category, key_part)
-from preprocess.sources import (Item, Source, SourceError, open_sources,  # noqa: E402
-                                prepare_image)
+from preprocess.sources import Item, Source, SourceError, open_sources  # noqa: E402
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 SETTINGS_KEY = "__settings__"       # what the records were made with; a rerun must match

@@ -96,7 +96,7 @@ class ImageSource(torch.utils.data.Dataset):
         if self.ds is not None:
             img = self.ds.image(i)
         else:
-            from preprocess.sources import center_crop_arr, open_image, to_rgb
+            from meanflow.images import center_crop_arr, open_image, to_rgb
             try:
                 rgb = to_rgb(open_image(self.files[i]))
             except Exception as e:  # noqa: BLE001 - a reference must not silently drop images

@@ -30,7 +30,8 @@ from meanflow.data import (DatasetMismatchError, LMDBDataset, check_compatible, 
                            read_meta)
 from meanflow import records
 from meanflow.edges import CannyEdges, close_gaps, quantize
-from preprocess.sources import center_crop_arr, read_idx, to_rgb
+from meanflow.images import center_crop_arr, to_rgb
+from preprocess.sources import read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
