@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from evaluate import save_png, to_uint8  # noqa: E402
 from meanflow.codec import make_decoder  # noqa: E402
+from meanflow.images import save_png, to_uint8  # noqa: E402
 from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
 from meanflow.training import load_export, mix_seed  # noqa: E402

@@ -4,6 +4,7 @@ photo or sketch (meanflow/pipeline.py), and the helpers that turn samples into i
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -95,3 +96,69 @@ def prepare_image(img: Image.Image, size: int, channels: int,
     elif channels != 3:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     return center_crop_arr(rgb, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Samples as image files
+# --------------------------------------------------------------------------------------------
+def to_uint8(x) -> np.ndarray:
+    """torch [B, C, H, W] in [-1, 1] -> numpy [B, H, W, C] uint8 (C = 1 or 3)."""
+    import torch
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def as_rgb(imgs: np.ndarray) -> np.ndarray:
+    """[..., C] uint8 with C = 1 or 3 -> [..., 3] (grey repeated over the channels)."""
+    return np.repeat(imgs, 3, axis=-1) if imgs.shape[-1] == 1 else imgs
+
+
+def safe_name(key: str) -> str:
+    """A dataset key or user string as a file name: runs of other characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+
+
+def save_png(path: Path, img: np.ndarray) -> None:
+    """uint8 [H, W, C] (C = 1: a greyscale PNG) -> ``path``."""
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path, optimize=False)
+
+
+def tile_grid(rows: list[list[Optional[np.ndarray]]], pad: int = 2, zoom: int = 1,
+              pad_value: int = 255) -> np.ndarray:
+    """Tiles laid out in rows -> one uint8 RGB image [H', W', 3].
+
+    ``rows`` is a list of rows, each a list of tiles: uint8 [H, W], [H, W, 1] or [H, W, 3],
+    all of one size; None is a blank tile (``pad_value``) of that size, as is the missing end
+    of a row shorter than the longest. Each tile is upscaled ``zoom`` times (nearest
+    neighbour), and ``pad`` pixels of ``pad_value`` separate the tiles and frame the grid:
+    H' = R (zoom H + pad) + pad, W' = C (zoom W + pad) + pad for R rows of at most C tiles,
+    the layout of torchvision's make_grid.
+    """
+    first = next((t for r in rows for t in r if t is not None), None)
+    if first is None:
+        raise ValueError("tile_grid: no tile (every entry is None, or there are no rows)")
+    if int(zoom) != zoom or zoom < 1 or pad < 0:
+        raise ValueError(f"tile_grid: zoom must be an integer >= 1 and pad >= 0, got zoom "
+                         f"{zoom}, pad {pad}")
+    h, w = np.asarray(first).shape[:2]
+    th, tw = h * zoom, w * zoom
+    ncols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (th + pad) + pad, ncols * (tw + pad) + pad, 3), pad_value,
+                   np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if tile is None:
+                continue
+            t = np.asarray(tile)
+            t = t[..., None] if t.ndim == 2 else t
+            if t.dtype != np.uint8 or t.ndim != 3 or t.shape[-1] not in (1, 3):
+                raise ValueError(f"tile_grid: tile ({i}, {j}) must be uint8 [H, W], [H, W, 1] "
+                                 f"or [H, W, 3], got {t.dtype} {list(t.shape)}")
+            if t.shape[:2] != (h, w):
+                raise ValueError(f"tile_grid: tile ({i}, {j}) is {t.shape[0]}x{t.shape[1]}, the "
+                                 f"first tile {h}x{w}")
+            if zoom > 1:
+                t = t.repeat(zoom, axis=0).repeat(zoom, axis=1)
+            y, x = pad + i * (th + pad), pad + j * (tw + pad)
+            grid[y:y + th, x:x + tw] = t          # a [.., 1] tile broadcasts over RGB
+    return grid

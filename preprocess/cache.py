@@ -38,6 +38,8 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from meanflow.distributed import (LaunchError, init_gloo, launcher_rank_world,  # noqa: E402
+                                  progress)
 from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
                             EdgeConfigError, EdgeDetector, build_detector, hub_failure,
                             looks_like_path)
@@ -160,18 +162,6 @@ def preflight_paths(args: argparse.Namespace) -> None:
     if (args.edges in ("pidinet", "hed") and not Path(args.annotators).is_dir()
             and looks_like_path(args.annotators)):
         raise UsageError(f"--annotators {args.annotators}: no such folder")
-
-
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate environment variables."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UsageError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
-                         f"{os.environ.get('WORLD_SIZE')!r} must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
 
 
 def check_output(out: Path) -> None:
@@ -436,8 +426,6 @@ def commit_batch(env: lmdb.Environment, good: list[tuple[str, Callable[[], bytes
 
 def process_split(env: lmdb.Environment, split_idx: int, src: Source, args, codec,
                   detector: Optional[EdgeDetector], pool, rank: int, world: int) -> Counts:
-    from tqdm import tqdm
-
     mine = src.items[rank::world]
     have = existing_sample_keys(env)
     pending = [it for it in mine if it.key not in have]
@@ -445,8 +433,7 @@ def process_split(env: lmdb.Environment, split_idx: int, src: Source, args, code
     cpu_detector = detector if detector is not None and not detector.device_bound else None
     store_image = codec.name == "pixel" or args.store_images == "always" or (
         args.store_images == "auto" and src.split != "train")
-    bar = tqdm(total=len(pending), desc=f"{src.split}", unit="img", disable=rank != 0,
-               dynamic_ncols=True)
+    bar = progress(len(pending), src.split, main=rank == 0, mininterval=None)
     for lo in range(0, len(pending), args.batch_size):
         batch = pending[lo: lo + args.batch_size]
         if pool is not None:
@@ -611,17 +598,6 @@ def inspect(path: Path, n: int, out: Optional[Path]) -> int:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def _init_dist(rank: int, world: int):
-    """A gloo group for the end-of-run summary when launched by torchrun / accelerate;
-    plain RANK / WORLD_SIZE processes (no MASTER_ADDR) work without one."""
-    if world == 1 or not os.environ.get("MASTER_ADDR"):
-        return None
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    return dist
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.inspect is not None:
@@ -629,7 +605,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     pool = None
     made_output = args.output is not None and not args.output.exists()
     try:
-        rank, world = dist_env()
+        rank, world = launcher_rank_world()
         sources = open_sources(args.source, input_root=args.input,
                                fashion_root=args.fashion_root, splits=args.splits,
                                limit=args.limit, download=args.download)
@@ -674,7 +650,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ensure_settings(env, st, args.output / s.split)
             finally:
                 env.close()
-    except (UsageError, SourceError, EdgeConfigError) as e:
+    except (UsageError, SourceError, EdgeConfigError, LaunchError) as e:
         if pool is not None:
             pool.terminate()
         if made_output:                 # leave no empty output folder behind
@@ -685,7 +661,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    dist = _init_dist(rank, world)
+    dist = init_gloo(rank, world)        # for the end-of-run summary
     ok = False
     try:
         for i, (src, st, nbytes, done) in enumerate(zip(sources, settings, est, done_splits)):

@@ -138,7 +138,7 @@ def test_a_curve_of_models_from_different_runs_needs_out(trained):
 
 
 def test_spread_picks_evenly_spaced_samples():
-    from evaluate import spread
+    from meanflow.evaluation import spread
     assert spread(list(range(10)), 3) == [0, 3, 6]
     assert spread([5, 7, 9], 3) == [5, 7, 9]
     assert len(set(spread(list(range(10_000)), 1000))) == 1000
@@ -209,18 +209,19 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import evaluate as E
+    from evaluate import parse_args, place_model, resolve
+    from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
     from meanflow.training import load_export
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     # edges only: the U-Net checks label values, which a fake tensor does not have
     ckpt = make_export(tmp_path, data, "data.use_labels=false", "model.num_classes=0")
-    args = E.parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
+    args = parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
     net, info = load_export(ckpt)                    # files are read on the host, as in main
-    ds, sel, dcfg, mcfg = E.resolve(args, info)
-    cond = E.conditions(ds, dcfg, mcfg, balanced=False)
-    times = E.steps_grid(2).tolist()
+    ds, sel, dcfg, mcfg = resolve(args, info)
+    cond = conditions(ds, dcfg, mcfg, balanced=False)
+    times = steps_grid(2).tolist()
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with monkeypatch.context() as m:                 # (fake tensors need the real answer)
@@ -228,17 +229,17 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
         device = process_device(None)                # what main() takes, before loading
     assert device == torch.device("cuda", 1)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = E.place_model(net, info, device)
+        model = place_model(net, info, device)
         placed = {t.device for t in [*model.parameters(), *model.buffers()]}
         assert placed == {torch.device("cuda", 1)}
         for amp in (None, torch.bfloat16):
-            x, edge = E.sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
+            x, edge = sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
             assert x.device == edge.device == torch.device("cuda", 1)
             assert x.dtype == torch.float32               # bf16 network, fp32 update
-        old = E.place_model(net, info, torch.device("cuda"))   # the old default device
+        old = place_model(net, info, torch.device("cuda"))   # the old default device
         assert {p.device for p in old.parameters()} == {torch.device("cuda", 0)}
         with pytest.raises(RuntimeError, match="same device"):
-            E.sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)
+            sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)
 
 
 def test_a_checkpoints_evaluation_is_not_inside_the_checkpoint(trained):
@@ -297,15 +298,15 @@ def test_balanced_labels_need_no_dataset_and_give_the_inception_score(trained, t
     import numpy as np
     import torch
 
-    from meanflow import metrics as M
+    from meanflow import metrics
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     ckpt = make_export(tmp_path, data, "data.use_edges=false", "model.edge_channels=0")
     rng = np.random.default_rng(0)
-    f = rng.standard_normal((50, M.FEATURE_DIM))
+    f = rng.standard_normal((50, metrics.FEATURE_DIM))
     npz = tmp_path / "ref.npz"
     np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
-    sd = M.load_weights(M.fid_weights_path())
+    sd = metrics.load_weights(metrics.fid_weights_path())
     sd["fc.weight"] = torch.randn(sd["fc.weight"].shape, generator=torch.Generator()
                                   .manual_seed(0)) * 0.01
     sd["fc.bias"] = torch.zeros_like(sd["fc.bias"])
@@ -342,7 +343,7 @@ def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from meanflow import metrics as M
+    from meanflow import metrics
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for cat in ("cat", "dog"):
@@ -369,7 +370,7 @@ def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "stores no real images" in res.stderr and "--ref-stats" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
-    f = rng.standard_normal((20, M.FEATURE_DIM))
+    f = rng.standard_normal((20, metrics.FEATURE_DIM))
     npz = tmp_path / "ref.npz"
     np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=np.int64(20))
     res = evaluate(ckpt, "--split", "train", "--fid", "--ref-stats", str(npz), "--out", str(out),
