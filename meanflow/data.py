@@ -23,8 +23,8 @@ import lmdb
 import numpy as np
 import torch
 
-from .records import (META_KEY, RecordError, decode_meta, decode_record, latent_scale,
-                      unpack_edge)
+from .codec import latent_scale
+from .records import META_KEY, RecordError, decode_meta, decode_record, unpack_edge
 
 _LEVEL_F32 = np.arange(256, dtype=np.float32) / 255.0        # grey level -> [0, 1]
 EDGE_DTYPES = (torch.float32, torch.uint8)

@@ -1,9 +1,9 @@
 """The on-disk format of a cached dataset: one LMDB environment per split.
 
 Every value is a safetensors blob (a JSON header + raw little-endian arrays): reading a
-dataset someone else wrote never unpickles anything, so it cannot run code. This module
-imports only numpy, safetensors and the standard library: reading the format needs no
-diffusers or OpenCV.
+dataset someone else wrote never unpickles anything, so it cannot run code. Only numpy,
+safetensors and the standard library are imported here, so the format can be read without
+torch, diffusers or OpenCV.
 
 Keys (UTF-8, sorted bytewise = sorted as Python strings)
     ``<split>/<category>/<stem>``        one sample (Fashion-MNIST: ``<split>/<class>/<index:05d>``)
@@ -239,10 +239,3 @@ def decode_meta(buf: Optional[bytes], where: str = "dataset") -> dict[str, Any]:
                           f"{len(meta['labels'])} labels")
     return meta
 
-
-def latent_scale(meta: dict[str, Any]) -> tuple[float, float]:
-    """(scaling_factor, shift_factor): model input = (z - shift) * scale, z ~ posterior.
-    Pixel datasets: (1, 0)."""
-    if meta.get("codec") == "pixel":
-        return 1.0, 0.0
-    return float(meta["scaling_factor"]), float(meta.get("shift_factor") or 0.0)

@@ -38,11 +38,11 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from meanflow.codec import VAE_DTYPES, CodecError, PixelCodec, VAECodec  # noqa: E402
 from meanflow.distributed import (LaunchError, init_gloo, launcher_rank_world,  # noqa: E402
                                   progress)
 from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
-                            EdgeConfigError, EdgeDetector, build_detector, hub_failure,
-                            looks_like_path)
+                            EdgeConfigError, EdgeDetector, build_detector, looks_like_path)
 from meanflow.images import prepare_image  # noqa: E402
 from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
                               FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
@@ -56,7 +56,6 @@ MIB = 1 << 20
 MIN_MAP_SIZE = 8 * MIB
 MAP_SIZE_SLACK = 1.5                # headroom over the estimated data size
 RECORD_OVERHEAD = 512               # safetensors header + LMDB node, bytes per record
-VAE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class UsageError(ValueError):
@@ -175,94 +174,8 @@ def check_output(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Codecs
+# Codec (meanflow/codec.py)
 # --------------------------------------------------------------------------------------------
-class PixelCodec:
-    """The image itself, uint8; the reader maps it to [-1, 1]."""
-
-    name = "pixel"
-
-    def __init__(self, image_size: int, channels: int):
-        self.image_size, self.channels = image_size, channels
-
-    def describe(self) -> dict[str, Any]:
-        return {"codec": "pixel", "x_shape": [self.channels, self.image_size, self.image_size]}
-
-    def record_bytes(self) -> int:
-        return self.image_size ** 2 * self.channels
-
-    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
-        return [{} for _ in images]                     # the image itself is the record
-
-
-class VAECodec:
-    """diffusers AutoencoderKL: posterior mean and std of the image and of its mirror image,
-    stored unscaled in fp16; ``scaling_factor`` (and ``shift_factor``) go in the metadata."""
-
-    name = "sd-vae"
-
-    def __init__(self, name_or_path: str, image_size: int, device: str, dtype: str):
-        import torch
-        from diffusers import AutoencoderKL
-
-        p = Path(name_or_path)
-        if not p.is_dir() and looks_like_path(name_or_path):
-            raise UsageError(f"--vae {name_or_path}: no such folder")
-        kwargs = {}
-        if (p.is_dir() and not (p / "config.json").is_file()
-                and (p / "vae" / "config.json").is_file()):
-            kwargs["subfolder"] = "vae"                    # a whole diffusers pipeline folder
-        tdtype = getattr(torch, VAE_DTYPES[dtype])
-        try:
-            vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype, **kwargs)
-        except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
-            offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
-            if offline:
-                raise UsageError(offline) from None
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"--vae {name_or_path}: cannot load an AutoencoderKL: {msg}") from None
-        self.torch = torch
-        self.device, self.dtype = torch.device(device), tdtype
-        self.vae = vae.to(self.device).eval().requires_grad_(False)
-        cfg = vae.config
-        self.vae_id, self.dtype_name = name_or_path, dtype
-        self.scaling_factor = float(cfg.scaling_factor)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        if image_size % self.factor:
-            raise UsageError(f"--image-size {image_size} is not divisible by the VAE's "
-                             f"downsampling factor {self.factor} ({name_or_path})")
-        self.latent_shape = [int(cfg.latent_channels), image_size // self.factor,
-                             image_size // self.factor]
-
-    def describe(self) -> dict[str, Any]:
-        return {"codec": "sd-vae", "x_shape": list(self.latent_shape), "vae": self.vae_id,
-                "vae_class": "AutoencoderKL", "vae_dtype": self.dtype_name,
-                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
-                "latent_shape": list(self.latent_shape)}
-
-    def record_bytes(self) -> int:
-        return 2 * 2 * 2 * math.prod(self.latent_shape)        # mean + std, 2 flips, fp16
-
-    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
-        """B x uint8 [H, W, 3] -> per image {'mean', 'std'} [2, c, h, w] fp16 (None: failed)."""
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
-            x = x / 127.5 - 1.0                                              # [B, 3, H, W]
-            x = torch.cat([x, x.flip(-1)]).to(self.dtype)                    # [2B, 3, H, W]
-            post = self.vae.encode(x).latent_dist
-            b = len(images)
-            mean = torch.stack([post.mean[:b], post.mean[b:]], 1).float().cpu()  # [B, 2, c, h, w]
-            std = torch.stack([post.std[:b], post.std[b:]], 1).float().cpu()
-        mean16, std16 = mean.half(), std.half()
-        out: list[Optional[dict[str, np.ndarray]]] = []
-        for i in range(b):
-            ok = bool(torch.isfinite(mean16[i]).all() and torch.isfinite(std16[i]).all())
-            out.append({"mean": mean16[i].numpy(), "std": std16[i].numpy()} if ok else None)
-        return out
-
-
 def build_codec(args: argparse.Namespace, device: str):
     if args.codec == "pixel":
         return PixelCodec(args.image_size, args.channels)
@@ -650,7 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ensure_settings(env, st, args.output / s.split)
             finally:
                 env.close()
-    except (UsageError, SourceError, EdgeConfigError, LaunchError) as e:
+    except (UsageError, SourceError, EdgeConfigError, LaunchError, CodecError) as e:
         if pool is not None:
             pool.terminate()
         if made_output:                 # leave no empty output folder behind
