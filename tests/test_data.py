@@ -438,15 +438,15 @@ def test_dataloader_workers_and_distributed_sampler(fashion):
 DIE_IN_SECOND_TXN = """
 import os, sys
 sys.path.insert(0, {root!r})
-import preprocess.cache as C
-real, calls = C.encode_record, [0]
+from preprocess import cache as cache_script
+real, calls = cache_script.encode_record, [0]
 def dying(*a, **k):
     calls[0] += 1
     if calls[0] == 11:          # third record of the second batch: inside its transaction
         os._exit(9)
     return real(*a, **k)
-C.encode_record = dying
-sys.exit(C.main(sys.argv[1:]))
+cache_script.encode_record = dying
+sys.exit(cache_script.main(sys.argv[1:]))
 """
 
 
