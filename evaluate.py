@@ -49,7 +49,7 @@ from meanflow.evaluation import (EvalError, conditions, parse_steps, real_statis
                                  reference_tag, sample_batch, spread, steps_grid)
 from meanflow.images import as_rgb, safe_name, save_png, tile_grid, to_uint8  # noqa: E402
 from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
-from meanflow.training import load_export  # noqa: E402
+from meanflow.training import load_model  # noqa: E402
 
 PRECISIONS = ("auto", "fp32", "bf16")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -181,24 +181,6 @@ def resolve(args, info: dict):
             f"--ref-stats FILE.npz (preprocess/fid_stats.py writes one from the image folder) "
             f"or re-cache with --store-images always")
     return ds, sel, dcfg, mcfg
-
-
-def load_model(ckpt: Path, device: torch.device):
-    """(model on ``device``, export info): read and checked on the CPU, then built on the
-    process's own device, so that no rank's weights pass through cuda:0."""
-    net, info = load_export(ckpt, "cpu")
-    return place_model(net, info, device), info
-
-
-def place_model(net: torch.nn.Module, info: dict, device: torch.device) -> torch.nn.Module:
-    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
-    (building there, rather than moving, also works under a fake-tensor device)."""
-    import models
-    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
-    with torch.device(device):
-        out = models.build(mcfg)
-    out.load_state_dict(net.state_dict())
-    return out.eval()
 
 
 def expand_ckpts(paths: list[str]) -> list[Path]:

@@ -32,14 +32,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ._layout import repo_packages
 from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
 from .edges import close_gaps, detector_from_meta, quantize
 from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import process_device
 from .sampling import sample, sample_noise
-from .training import EXPORT_CONFIG, EXPORT_DIR, load_export, mix_seed
+from .training import EXPORT_CONFIG, EXPORT_DIR, load_model, mix_seed
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -298,7 +297,7 @@ class Pipeline:
 
     # ---- saving ---------------------------------------------------------------------------
     def save_pretrained(self, out: str | os.PathLike) -> Path:
-        """A self-contained folder: model.safetensors, model_config.json (what load_export and
+        """A self-contained folder: model.safetensors, model_config.json (what load_model and
         evaluate.py read: model, objective, data settings, the dataset's metadata with the
         codec / VAE reference and the edge detector settings) and a model card README.md."""
         out = Path(out)
@@ -381,6 +380,5 @@ def load_pipeline(path: str | os.PathLike, device=None) -> Pipeline:
     """A :class:`Pipeline` from a run folder (with export/), an export or saved folder, or a
     checkpoint; ``device`` defaults to the process's (CUDA when present, else the CPU)."""
     dev = process_device(device)
-    with repo_packages():
-        model, info = load_export(path, dev)
+    model, info = load_model(path, dev)
     return Pipeline(model, info, dev, Path(path))

@@ -209,16 +209,16 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from evaluate import parse_args, place_model, resolve
+    from evaluate import parse_args, resolve
     from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
-    from meanflow.training import load_export
+    from meanflow.training import load_model, place_model
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     # edges only: the U-Net checks label values, which a fake tensor does not have
     ckpt = make_export(tmp_path, data, "data.use_labels=false", "model.num_classes=0")
     args = parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
-    net, info = load_export(ckpt)                    # files are read on the host, as in main
+    net, info = load_model(ckpt, "cpu")              # files are read on the host, as in main
     ds, sel, dcfg, mcfg = resolve(args, info)
     cond = conditions(ds, dcfg, mcfg, balanced=False)
     times = steps_grid(2).tolist()
