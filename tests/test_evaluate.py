@@ -22,6 +22,43 @@ def trained(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+def trained_data(run_dir: Path) -> Path:
+    """The test split next to the training data of ``run_dir``'s model."""
+    cfg = json.loads((run_dir / "export" / "model_config.json").read_text())
+    return Path(cfg["data"]["path"]).parent / "test"
+
+
+def check_grid(out: Path, data: Path, n: int, rows: int, steps: list[str]) -> None:
+    """grid.png of an evaluation of ``n`` samples: ``rows`` rows spread over them, each
+    [edge | real image | the sample PNG of each step count], 16 px tiles, 2 px white gutters."""
+    import numpy as np
+    from PIL import Image
+
+    from meanflow.data import LMDBDataset
+    from meanflow.evaluation import spread
+    ds = LMDBDataset(str(data), flip=False)
+    picked = spread(spread(list(range(len(ds))), n), rows)
+    with Image.open(out / "grid.png") as im:
+        assert im.mode == "RGB"
+        grid = np.asarray(im)
+    cols, s = 2 + len(steps), 16
+    assert grid.shape == (rows * (s + 2) + 2, cols * (s + 2) + 2, 3)
+    frame = np.ones(grid.shape[:2], bool)
+    for r, i in enumerate(picked):
+        def tile(c: int) -> np.ndarray:
+            y, x = 2 + r * (s + 2), 2 + c * (s + 2)
+            frame[y:y + s, x:x + s] = False
+            return grid[y:y + s, x:x + s]
+        edge = (ds.edge_map(i)[0] * 255).astype(np.uint8)               # edge size = 16
+        assert np.array_equal(tile(0), np.repeat(edge[..., None], 3, -1))
+        assert np.array_equal(tile(1), np.repeat(ds.image(i), 3, -1))  # grey -> RGB
+        for c, spec in enumerate(steps, start=2):
+            (png,) = (out / f"steps_{spec}").glob(f"{i:06d}_*.png")
+            with Image.open(png) as sample:
+                assert np.array_equal(tile(c), np.asarray(sample.convert("RGB"))), (spec, i)
+    assert (grid[frame] == 255).all()                                   # gutters and frame
+
+
 def evaluate(ckpt: Path, *args, nproc: int = 1):
     cmd = [PY, "evaluate.py"] if nproc == 1 else [
         PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -157,7 +194,7 @@ def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
         assert 0.0 <= r["edge_f1"] <= 1.0
     md = (out / "results.md").read_text()
     assert "N = 6" in md and "| FID |" in md.replace("FID | KID", "FID |")
-    assert (out / "grid.png").stat().st_size > 0
+    check_grid(out, data=trained_data(trained), n=6, rows=3, steps=["1", "2", "4@0.5"])
     # every FID below N = 1,000 carries a warning: printed, and in both reports
     assert "warning: N = 6 < 1,000: FID is biased upward" in res.stderr
     assert all("N = 6 < 1,000" in r["warning"] for r in rows)
