@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -45,16 +44,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
+from meanflow.distributed import finish, gather, init_state, progress  # noqa: E402
+from meanflow.evaluation import (EvalError, conditions, parse_steps, real_statistics,  # noqa: E402
+                                 reference_tag, sample_batch, spread, steps_grid)
+from meanflow.images import as_rgb, safe_name, save_png, tile_grid, to_uint8  # noqa: E402
 from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
-from meanflow.sampling import sample, sample_noise  # noqa: E402
-from meanflow.training import load_export, mix_seed  # noqa: E402
+from meanflow.training import load_model  # noqa: E402
 
 PRECISIONS = ("auto", "fp32", "bf16")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
-class EvalError(ValueError):
-    """Bad input detected before sampling starts."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,101 +121,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun or a single process), through Accelerate's PartialState
+# Data
 # --------------------------------------------------------------------------------------------
-def init_state(device: torch.device):
-    """The process group (NCCL on CUDA, gloo on the CPU) and this process's rank. ``device``
-    comes from ``process_device`` before anything is loaded; on CUDA it becomes the current
-    device first, so nothing lands on cuda:0 by default."""
-    from accelerate import PartialState
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return PartialState(cpu=device.type != "cuda")
-
-
-def gather(obj: list, state) -> list:
-    """A list from every process, concatenated in rank order (every rank gets it)."""
-    from accelerate.utils import gather_object
-    return gather_object(obj) if state.num_processes > 1 else list(obj)
-
-
-def progress(state, total: int, desc: str):
-    """A progress bar on rank 0 (the other ranks' bars are disabled, not printed)."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", disable=not state.is_main_process,
-                dynamic_ncols=True, mininterval=2.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8 (C = 1 or 3)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
-
-
-def save_png(path: Path, img: np.ndarray) -> None:
-    from PIL import Image
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path, optimize=False)
-
-
-def as_rgb(imgs: np.ndarray) -> np.ndarray:
-    return np.repeat(imgs, 3, axis=-1) if imgs.shape[-1] == 1 else imgs
-
-
 def images_stored(ds, sel: list[int]) -> bool:
     """Whether the dataset holds the real images (pixel caches always; VAE caches only when
     written with --store-images, or a non-train split under auto)."""
     stored = ds.meta.get("images_stored")
     return bool(stored) if stored is not None else "image" in ds.record(sel[0])
-
-
-def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
-                    batch_size: int = 64) -> Optional[dict]:
-    """FID/KID statistics of the real images ``sel`` of ``ds``, cached next to the dataset
-    under ``tag`` (e.g. "test_n1000_spread"), so that every run and script shares one file.
-
-    Sharded like the samples (process r takes batches r, r + world, ...) and streamed
-    (``metrics.StreamedStatistics``): no process holds more than one batch of images. Rank 0
-    gets the statistics; the other ranks None."""
-    import torch.distributed as dist
-
-    from meanflow import metrics as M
-    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
-    n = len(sel)
-    weights = Path(weights) if weights is not None else M.fid_weights_path()
-    key = M.statistics_key(f"{Path(ds.path).resolve()}::{tag}", n, weights)
-    path = M.statistics_cache_path(Path(ds.path) / "fid_ref", key)
-    cached = None
-    if rank == 0 and path.is_file():
-        st, stored = M.load_statistics(path)
-        cached = st if stored == key and st["n"] == n else None
-    hit = [cached is not None]
-    if world > 1:
-        dist.broadcast_object_list(hit, src=0)             # all compute, or none
-    if hit[0]:
-        return cached
-    acc = M.StreamedStatistics(n, device=device)
-    starts = list(range(0, n, batch_size))[rank::world]
-    with progress(state or _Single(), n, "reference statistics") as bar:
-        for lo in starts:
-            pos = range(lo, min(n, lo + batch_size))
-            acc.add(pos, as_rgb(np.stack([ds.image(sel[p]) for p in pos])), weights=weights)
-            bar.update(min(len(pos) * world, n - bar.n))
-    st = acc.reduce()
-    if rank == 0:
-        M.save_statistics(path, st, key)
-    return st
-
-
-class _Single:
-    """What ``progress`` reads of a PartialState, for a plain single-process call."""
-    is_main_process = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,80 +183,6 @@ def resolve(args, info: dict):
     return ds, sel, dcfg, mcfg
 
 
-def conditions(ds, dcfg: DataConfig, mcfg: ModelConfig, balanced: bool
-               ) -> Callable[[list[int], torch.device], tuple]:
-    """(edge [B, Ce, S, S] or None, label [B] or None) of samples ``idx`` on ``device``: the
-    dataset's records, or with ``balanced`` the label i mod C of sample i."""
-    def cond(idx: list[int], device: torch.device):
-        if balanced:
-            return None, torch.tensor([i % mcfg.num_classes for i in idx], device=device)
-        edge = (torch.stack([torch.as_tensor(ds.edge_map(i)) for i in idx]).to(device)
-                if dcfg.use_edges else None)
-        label = (torch.tensor([ds.label(i) for i in idx], device=device)
-                 if dcfg.use_labels else None)
-        return edge, label
-    return cond
-
-
-def load_model(ckpt: Path, device: torch.device):
-    """(model on ``device``, export info): read and checked on the CPU, then built on the
-    process's own device, so that no rank's weights pass through cuda:0."""
-    net, info = load_export(ckpt, "cpu")
-    return place_model(net, info, device), info
-
-
-def place_model(net: torch.nn.Module, info: dict, device: torch.device) -> torch.nn.Module:
-    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
-    (building there, rather than moving, also works under a fake-tensor device)."""
-    import models
-    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
-    with torch.device(device):
-        out = models.build(mcfg)
-    out.load_state_dict(net.state_dict())
-    return out.eval()
-
-
-def sample_batch(model, idx: list[int], cond, shape: tuple, seed: int, device: torch.device,
-                 times, cfg_scale: float, amp_dtype=None):
-    """Model-space samples of the indices ``idx`` (noise from (seed, index)), and the edge
-    maps they were conditioned on."""
-    edge, label = cond(idx, device)
-    noise = sample_noise(shape, [mix_seed(seed, i) for i in idx], device)
-    x = sample(model, noise, edge=edge, label=label, cfg_scale=cfg_scale, times=times,
-               autocast_dtype=amp_dtype)
-    return x, edge
-
-
-def parse_steps(spec: str):
-    """'4' -> 4; '16@0.25' -> '16@0.25' (the 16-step grid, steps below t = 0.25 merged)."""
-    try:
-        if "@" in spec:
-            k, tau = spec.split("@")
-            steps_grid(f"{int(k)}@{float(tau)}")
-            return f"{int(k)}@{tau.strip()}"
-        return int(spec)
-    except ValueError as e:
-        raise EvalError(f"--compare-steps: cannot read {spec!r} as K or K@T ({e})") from None
-
-
-def steps_grid(steps, device=None) -> torch.Tensor:
-    """The sampler's time grid for a step count or a 'K@T' spec (see parse_steps)."""
-    from meanflow.sampling import time_grid
-    if isinstance(steps, str):
-        k, tau = steps.split("@")
-        return time_grid(int(k), device, jump_below=float(tau))
-    return time_grid(steps, device)
-
-
-def spread(idx: list[int], n: int) -> list[int]:
-    """``n`` evenly spaced entries of ``idx`` (all of it when n = len(idx)).
-
-    Keys are sorted by category, so the first N samples would be one or two classes; evenly
-    spaced ones cover every class in proportion, and the choice does not depend on the seed.
-    """
-    return [idx[(k * len(idx)) // n] for k in range(n)]
-
-
 def expand_ckpts(paths: list[str]) -> list[Path]:
     """Each --ckpt as given, except a folder of checkpoints (RUN/checkpoints), which stands for
     its complete checkpoints, oldest first. Repeats are dropped."""
@@ -358,12 +194,6 @@ def expand_ckpts(paths: list[str]) -> list[Path]:
             if c not in out:
                 out.append(c)
     return out
-
-
-def reference_tag(split: str, category: Optional[str], n: int) -> str:
-    """The cache tag of the in-cache reference statistics (what ``real_statistics`` takes):
-    shared by evaluate.py and any script that wants the same file."""
-    return f"{split}{'_' + category if category else ''}_n{n}_spread"
 
 
 def out_name(args) -> str:
@@ -449,9 +279,9 @@ def main(argv=None) -> int:
         ds, sel, dcfg, mcfg = resolve(args, info)
         ref_file, ref_stats = None, None
         if args.ref_stats is not None:
-            from meanflow import metrics as M
+            from meanflow import metrics
             ref_file = Path(args.ref_stats).resolve()
-            ref_stats = M.load_reference_npz(ref_file)        # checked before sampling
+            ref_stats = metrics.load_reference_npz(ref_file)        # checked before sampling
         if curve:
             default_dir, names = curve_layout(args, ckpts)
             if args.out is None and default_dir is None:
@@ -466,13 +296,13 @@ def main(argv=None) -> int:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    from meanflow import metrics as M
+    from meanflow import metrics
     n = len(sel)
     want_fid = args.fid or args.ref
     weights, want_is = None, False
     if want_fid:
-        weights = M.fid_weights_path(args.fid_weights)
-        want_is = M.has_logits(weights)
+        weights = metrics.fid_weights_path(args.fid_weights)
+        want_is = metrics.has_logits(weights)
         if args.ref_stats is None:
             tag = reference_tag(args.split, args.category, n)
             ref_stats = real_statistics(ds, sel, tag, weights, device, state)
@@ -539,12 +369,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def finish(state) -> None:
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()
-
-
 def sample_names(ds, meta: dict, balanced: bool, mcfg: ModelConfig) -> Callable[[int], str]:
     """PNG name of sample i: its index and dataset key, or with balanced labels its class."""
     if not balanced:
@@ -559,7 +383,7 @@ def sample_names(ds, meta: dict, balanced: bool, mcfg: ModelConfig) -> Callable[
 
 def edge_detector(meta: dict, device: torch.device):
     """Generated uint8 [B, H, W, C] -> bool [B, S, S] edges, made as the dataset's were."""
-    from preprocess.edges import detector_from_meta
+    from meanflow.edges import detector_from_meta
     det = detector_from_meta(meta, str(device))
 
     def detect(imgs: np.ndarray, size) -> np.ndarray:
@@ -591,7 +415,7 @@ def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> Non
 
 def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows."""
-    from meanflow import metrics as M
+    from meanflow import metrics
     ds, sel, mcfg = ctx["ds"], ctx["sel"], ctx["mcfg"]
     state, device = ctx["state"], ctx["device"]
     rank, world = state.process_index, state.num_processes
@@ -611,9 +435,11 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
         if rank == 0 and not args.no_png:
             sdir.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
-        acc = M.StreamedStatistics(n, device=device, logits=ctx["want_is"]) if want_fid else None
+        acc = (metrics.StreamedStatistics(n, device=device, logits=ctx["want_is"]) if want_fid
+               else None)
         prf, mine_grid, t0 = [], [], time.time()
-        with progress(state, n, f"sampling, {steps} step{'s' if steps != 1 else ''}") as bar:
+        with progress(n, f"sampling, {steps} step{'s' if steps != 1 else ''}",
+                      main=state.is_main_process) as bar:
             for lo in starts:
                 pos = range(lo, min(n, lo + args.batch_size))
                 b = [sel[p] for p in pos]
@@ -631,7 +457,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
                 if detector is not None:
                     ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
                     pred_edges = detector(imgs, ref_edges.shape[-2:])
-                    prf.append((len(b), M.edge_prf(pred_edges, ref_edges)))
+                    prf.append((len(b), metrics.edge_prf(pred_edges, ref_edges)))
                 bar.update(min(len(pos) * world, n - bar.n))
         secs = time.time() - t0
         gen = acc.reduce() if acc is not None else None             # collective
@@ -643,7 +469,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
             nfe = (len(grids[steps]) - 1) * (2 if args.cfg_scale != 1.0 else 1)
             row = dict(steps=steps, nfe=nfe, n=n, seconds_per_image=all_secs * world / n)
             if want_fid:
-                row.update(M.scores(gen, ctx["ref_stats"], pr_device=device))
+                row.update(metrics.scores(gen, ctx["ref_stats"], pr_device=device))
                 if "warning" in row:
                     print(f"warning: {row['warning']}", file=sys.stderr, flush=True)
             if detector is not None:
@@ -722,7 +548,8 @@ def write_curve(out: Path, rows: list[dict], args, n: int, report: Optional[dict
         lines.append("| " + " | ".join(cells + [m["ckpt"]]) + " |")
     ref = (reference_text(report) if report is not None
            else "FID/KID reference: the real images of the same N samples")
-    warn = M_small_n(n) if any(k == "fid" for k, _ in metrics) else None
+    from meanflow.metrics import small_n_warning
+    warn = small_n_warning(n) if any(k == "fid" for k, _ in metrics) else None
     (out / "curve.md").write_text(
         f"Learning curve: split {args.split}"
         f"{', category ' + args.category if args.category else ''}, N = {n} (the same "
@@ -730,11 +557,6 @@ def write_curve(out: Path, rows: list[dict], args, n: int, report: Optional[dict
         + (f"\n**Warning:** {warn}.\n" if warn else ""))
     if metrics:                     # without --fid and with --no-edge-f1 there is nothing to plot
         plot_curve(out / "curve.png", rows, metrics, steps, n)
-
-
-def M_small_n(n: int) -> Optional[str]:
-    from meanflow.metrics import small_n_warning
-    return small_n_warning(n)
 
 
 def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], steps: list[int],
@@ -764,24 +586,21 @@ def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], ste
 def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:
     """[edge | ground truth | one column per step count], one row per sample (edge and ground
     truth where the dataset has them: none with --balanced-labels)."""
-    from torchvision.utils import make_grid
     real_stored = ds is not None and images_stored(ds, rows)
     edges = ds is not None and ds.meta.get("edges") not in (None, "none")
     tiles = []
     for i in rows:
-        gen = [as_rgb(cols[i][s][None])[0] for s in steps_list]
+        gen = [cols[i][s] for s in steps_list]
         h, w = gen[0].shape[:2]
         row = []
         if edges:
             e = torch.as_tensor(ds.edge_map(i)).float()[None]
             e = torch.nn.functional.interpolate(e, size=(h, w), mode="nearest")[0, 0]
-            row.append(np.repeat((e.numpy() * 255).astype(np.uint8)[..., None], 3, -1))
+            row.append((e.numpy() * 255).astype(np.uint8))
         if real_stored:
-            row.append(as_rgb(ds.image(i)[None])[0])
-        tiles += row + gen
-    t = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
-    grid = make_grid(t, nrow=len(tiles) // len(rows), padding=2, pad_value=255)
-    save_png(path, grid.permute(1, 2, 0).numpy())
+            row.append(ds.image(i))
+        tiles.append(row + gen)
+    save_png(path, tile_grid(tiles, pad=2, pad_value=255))
 
 
 if __name__ == "__main__":

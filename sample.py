@@ -17,7 +17,6 @@ anything is generated or written.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -84,21 +83,19 @@ def list_inputs(specs: list[str]) -> list[Path]:
     return out
 
 
-def safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
-
-
 def write_sheet(path: Path, rows: list[tuple[list[np.ndarray], list[np.ndarray]]]) -> None:
-    """One row per input: [input columns | outputs], 2-pixel white gutters."""
+    """One row per input: [input columns | outputs], 2-pixel white gutters. Inputs of another
+    size than the outputs (an edge map at the model's edge size) are resized to theirs."""
     from PIL import Image
+
+    from meanflow.images import tile_grid
     h, w = rows[0][1][0].shape[:2]
-    ncols = max(len(a) + len(b) for a, b in rows)
-    sheet = np.full((len(rows) * (h + 2) + 2, ncols * (w + 2) + 2, 3), 255, np.uint8)
-    for r, (inputs, outputs) in enumerate(rows):
-        for c, tile in enumerate(inputs + outputs):
-            tile = np.asarray(Image.fromarray(tile).convert("RGB").resize((w, h), Image.NEAREST))
-            y, x = 2 + r * (h + 2), 2 + c * (w + 2)
-            sheet[y:y + h, x:x + w] = tile
+
+    def fit(tile: np.ndarray) -> np.ndarray:
+        if tile.shape[:2] == (h, w):
+            return tile
+        return np.asarray(Image.fromarray(tile).resize((w, h), Image.NEAREST))
+    sheet = tile_grid([[fit(t) for t in inputs + outputs] for inputs, outputs in rows], pad=2)
     Image.fromarray(sheet).save(path)
 
 
@@ -134,7 +131,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    from meanflow.pipeline import center_crop_arr, to_rgb
+    from meanflow.images import center_crop_arr, safe_name, to_rgb
     classes = pipe.class_names or [str(i) for i in range(pipe.mcfg.num_classes)]
     names = ([safe_name(f.stem) for f in files] if files
              else [f"label_{safe_name(classes[c['label']])}" for c in conds])

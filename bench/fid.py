@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from meanflow import metrics as M  # noqa: E402
+from meanflow import metrics  # noqa: E402
 
 IMAGE_SIZE = 64          # input size; the extractor resizes to 299 whatever it is
 
@@ -29,34 +29,34 @@ IMAGE_SIZE = 64          # input size; the extractor resizes to 299 whatever it 
 def time_features(batch: int, device: str, iters: int) -> float:
     """Seconds per image, median over ``iters`` batches after one warm-up batch."""
     x = torch.randint(0, 256, (batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    M.inception_features(x, batch, device)                     # warm-up (and weight loading)
+    metrics.inception_features(x, batch, device)                     # warm-up (and weight loading)
     times = []
     for _ in range(iters):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        M.inception_features(x, batch, device)
+        metrics.inception_features(x, batch, device)
         times.append(time.perf_counter() - t)
     return float(np.median(times)) / batch
 
 
 def time_math(n: int, kid_subsets: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
-    f1 = np.abs(rng.standard_normal((n, M.FEATURE_DIM)))
-    f2 = np.abs(rng.standard_normal((n, M.FEATURE_DIM))) + 0.01
+    f1 = np.abs(rng.standard_normal((n, metrics.FEATURE_DIM)))
+    f2 = np.abs(rng.standard_normal((n, metrics.FEATURE_DIM))) + 0.01
     t = time.perf_counter()
-    M.fid_from_features(f1, f2)
+    metrics.fid_from_features(f1, f2)
     t_fid = time.perf_counter() - t
     t = time.perf_counter()
-    M.kid_from_features(f1, f2, subsets=kid_subsets)
+    metrics.kid_from_features(f1, f2, subsets=kid_subsets)
     return t_fid, time.perf_counter() - t
 
 
 def time_streamed(n: int, device: str, batch: int = 64) -> float:
     """Seconds to fold N 2048-d features into float64 sums (evaluate.py's constant-memory
     statistics), batch by batch."""
-    f = torch.rand(batch, M.FEATURE_DIM, device=device)
-    acc = M.StreamedStatistics(n, device=device, kept=0)
+    f = torch.rand(batch, metrics.FEATURE_DIM, device=device)
+    acc = metrics.StreamedStatistics(n, device=device, kept=0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -80,17 +80,17 @@ def main() -> None:
     ns = [500] if a.quick else [int(n) for n in a.n.split(",")]
     iters = 1 if a.quick else a.iters
     print(f"device {a.device}, torch threads {torch.get_num_threads()}, "
-          f"weights {M.fid_weights_path().name}")
+          f"weights {metrics.fid_weights_path().name}")
     print("| Inception batch | s / image | images / s |")
     print("|---|---|---|")
     for b in batches:
         s = time_features(b, a.device, iters)
         print(f"| {b} | {s:.3f} | {1 / s:.1f} |")
     print()
-    print(f"| N per side | FID math (s) | KID math, {M.KID_SUBSETS} subsets (s) |")
+    print(f"| N per side | FID math (s) | KID math, {metrics.KID_SUBSETS} subsets (s) |")
     print("|---|---|---|")
     for n in ns:
-        t_fid, t_kid = time_math(n, M.KID_SUBSETS)
+        t_fid, t_kid = time_math(n, metrics.KID_SUBSETS)
         print(f"| {n} | {t_fid:.2f} | {t_kid:.2f} |")
     print()
     print("| N | streamed float64 sums (s) | per 1,000 samples (s) |")

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow.data import LMDBDataset  # noqa: E402
-from preprocess import records as R  # noqa: E402
+from meanflow import records  # noqa: E402
 from preprocess.cache import commit_batch, open_writer, write_txn  # noqa: E402
 from preprocess.sources import DEBIAN_FASHION_DIR  # noqa: E402
 
@@ -71,15 +71,15 @@ def write_lmdb(path: Path, n: int, seed: int = 0) -> None:
         for k in keys[lo: lo + WRITE_BATCH]:
             mean, std, edge = synthetic_sample(rng)
             good.append((k, lambda m=mean, s=std, e=edge:
-                         R.encode_record(0, mean=m, std=s, edge=e)))
+                         records.encode_record(0, mean=m, std=s, edge=e)))
         commit_batch(env, good, [])
-    meta = {"format": R.FORMAT, "format_version": R.FORMAT_VERSION, "split": "train",
+    meta = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "split": "train",
             "codec": "sd-vae", "image_size": 256, "channels": 3, "x_shape": list(LATENT),
             "latent_shape": list(LATENT), "scaling_factor": SD_SCALE, "shift_factor": 0.0,
             "images_stored": False, "edges": "canny", "edge_size": 256, "edge_channels": 1,
             "edge_levels": 2, "class_names": ["cat"], "keys": keys, "labels": [0] * n,
             "num_records": n, "complete": True}
-    write_txn(env, lambda txn: txn.put(R.META_KEY.encode(), R.encode_meta(meta)))
+    write_txn(env, lambda txn: txn.put(records.META_KEY.encode(), records.encode_meta(meta)))
     env.close()
 
 

@@ -20,11 +20,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from evaluate import save_png, to_uint8  # noqa: E402
 from meanflow.codec import make_decoder  # noqa: E402
+from meanflow.images import save_png, to_uint8  # noqa: E402
 from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
-from meanflow.training import load_export, mix_seed  # noqa: E402
+from meanflow.training import load_model, mix_seed  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     n = 64 if a.quick else a.n
     dev = process_device(a.device)
     amp = torch.bfloat16 if a.precision == "bf16" else None
-    model, info = load_export(a.ckpt, dev)
+    model, info = load_model(a.ckpt, dev)
     m = info["model"]
     shape = (m["in_channels"], m["input_size"], m["input_size"])
     decode = make_decoder(info["dataset_meta"], dev)

@@ -1,14 +1,16 @@
-"""Where the library finds the repository's other two packages, ``models`` and ``preprocess``.
+"""Where the library finds the repository's backbones, the package ``models``.
 
-A clone runs its scripts from the repository root, where the folders ``models/`` and
-``preprocess/`` are importable under those plain names, and the library imports them so.
-An installed copy (``pip install .`` or ``-e .``) ships them inside this package instead, as
-``meanflow.models`` and ``meanflow.preprocess`` (pyproject.toml): generic top-level names in
-site-packages would collide with other projects' modules of the same name.
+A clone runs its scripts from the repository root, where the folder ``models/`` is importable
+under that plain name, and the library imports it so. An installed copy (``pip install .`` or
+``-e .``) ships it inside this package instead, as ``meanflow.models`` (pyproject.toml): a
+generic top-level name in site-packages would collide with other projects' modules.
 
 :func:`repo_packages` is the one place that reconciles the two: while it is active, the plain
-names resolve to the installed copies, and afterwards ``sys.modules`` is as it was, so a
-user's own ``models`` module is neither shadowed nor replaced. In a clone it does nothing.
+name resolves to the installed copy, and afterwards ``sys.modules`` is as it was, so a user's
+own ``models`` module is neither shadowed nor replaced. In a clone it does nothing.
+
+``preprocess/`` (the dataset-building command lines) is not part of the library: it imports
+the library, never the other way round, and is not installed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import importlib
 import sys
 from typing import Iterator
 
-PACKAGES = ("models", "preprocess")
+PACKAGES = ("models",)
 
 
 def _installed() -> dict:
@@ -34,7 +36,7 @@ def _ours(name: str) -> bool:
 
 @contextlib.contextmanager
 def repo_packages() -> Iterator[None]:
-    """Make ``import models`` / ``import preprocess`` find this project's packages."""
+    """Make ``import models`` find this project's package."""
     installed = _installed()
     if not installed:
         yield

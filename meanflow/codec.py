@@ -1,17 +1,134 @@
-"""Model space -> images, using the codec recorded in the dataset metadata.
+"""Images <-> model space: the codecs a dataset is cached with and that a trained model's
+samples are decoded with, as recorded in the dataset metadata.
 
 pixel: x is the image in [-1, 1]. sd-vae: x = (z - shift) * scale with z a diffusers
 AutoencoderKL latent; scale and shift come from the metadata, never hard-coded.
+
+Encoding (preprocess/cache.py) stores what a record holds: the image itself, or the VAE
+posterior (unscaled); :func:`latent_scale` is the scaling the reader applies, and
+:func:`make_decoder` maps model space back to images. torch and diffusers are imported when
+a codec is built, so a pixel cache does not load them.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
 
-import torch
+import numpy as np
+
+VAE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def make_decoder(meta: dict, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1], in fp32."""
+class CodecError(ValueError):
+    """A VAE that cannot be loaded or does not fit the image size: reported before any work."""
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+class PixelCodec:
+    """The image itself, uint8; the reader maps it to [-1, 1]."""
+
+    name = "pixel"
+
+    def __init__(self, image_size: int, channels: int):
+        self.image_size, self.channels = image_size, channels
+
+    def describe(self) -> dict[str, Any]:
+        return {"codec": "pixel", "x_shape": [self.channels, self.image_size, self.image_size]}
+
+    def record_bytes(self) -> int:
+        return self.image_size ** 2 * self.channels
+
+    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
+        return [{} for _ in images]                     # the image itself is the record
+
+
+class VAECodec:
+    """diffusers AutoencoderKL: posterior mean and std of the image and of its mirror image,
+    stored unscaled in fp16; ``scaling_factor`` (and ``shift_factor``) go in the metadata."""
+
+    name = "sd-vae"
+
+    def __init__(self, name_or_path: str, image_size: int, device: str, dtype: str):
+        import torch
+        from diffusers import AutoencoderKL
+
+        from .edges import hub_failure, looks_like_path
+
+        p = Path(name_or_path)
+        if not p.is_dir() and looks_like_path(name_or_path):
+            raise CodecError(f"--vae {name_or_path}: no such folder")
+        kwargs = {}
+        if (p.is_dir() and not (p / "config.json").is_file()
+                and (p / "vae" / "config.json").is_file()):
+            kwargs["subfolder"] = "vae"                    # a whole diffusers pipeline folder
+        tdtype = getattr(torch, VAE_DTYPES[dtype])
+        try:
+            vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype, **kwargs)
+        except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
+            offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
+            if offline:
+                raise CodecError(offline) from None
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CodecError(f"--vae {name_or_path}: cannot load an AutoencoderKL: {msg}") from None
+        self.torch = torch
+        self.device, self.dtype = torch.device(device), tdtype
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        cfg = vae.config
+        self.vae_id, self.dtype_name = name_or_path, dtype
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if image_size % self.factor:
+            raise CodecError(f"--image-size {image_size} is not divisible by the VAE's "
+                             f"downsampling factor {self.factor} ({name_or_path})")
+        self.latent_shape = [int(cfg.latent_channels), image_size // self.factor,
+                             image_size // self.factor]
+
+    def describe(self) -> dict[str, Any]:
+        return {"codec": "sd-vae", "x_shape": list(self.latent_shape), "vae": self.vae_id,
+                "vae_class": "AutoencoderKL", "vae_dtype": self.dtype_name,
+                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "latent_shape": list(self.latent_shape)}
+
+    def record_bytes(self) -> int:
+        return 2 * 2 * 2 * math.prod(self.latent_shape)        # mean + std, 2 flips, fp16
+
+    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
+        """B x uint8 [H, W, 3] -> per image {'mean', 'std'} [2, c, h, w] fp16 (None: failed)."""
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
+            x = x / 127.5 - 1.0                                              # [B, 3, H, W]
+            x = torch.cat([x, x.flip(-1)]).to(self.dtype)                    # [2B, 3, H, W]
+            post = self.vae.encode(x).latent_dist
+            b = len(images)
+            mean = torch.stack([post.mean[:b], post.mean[b:]], 1).float().cpu()  # [B, 2, c, h, w]
+            std = torch.stack([post.std[:b], post.std[b:]], 1).float().cpu()
+        mean16, std16 = mean.half(), std.half()
+        out: list[Optional[dict[str, np.ndarray]]] = []
+        for i in range(b):
+            ok = bool(torch.isfinite(mean16[i]).all() and torch.isfinite(std16[i]).all())
+            out.append({"mean": mean16[i].numpy(), "std": std16[i].numpy()} if ok else None)
+        return out
+
+
+def latent_scale(meta: dict[str, Any]) -> tuple[float, float]:
+    """(scaling_factor, shift_factor): model input = (z - shift) * scale, z ~ posterior.
+    Pixel datasets: (1, 0)."""
+    if meta.get("codec") == "pixel":
+        return 1.0, 0.0
+    return float(meta["scaling_factor"]), float(meta.get("shift_factor") or 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+def make_decoder(meta: dict, device) -> Callable[[Any], Any]:
+    """A function torch [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1], in fp32."""
+    import torch
     codec = meta.get("codec", "pixel")
     if codec == "pixel":
         def dec(x: torch.Tensor) -> torch.Tensor:

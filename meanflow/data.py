@@ -1,5 +1,5 @@
 """The training / evaluation dataset: one split written by preprocess/cache.py (an LMDB
-environment of safetensors records, see preprocess/records.py for the format).
+environment of safetensors records, see meanflow/records.py for the format).
 
     ds = LMDBDataset("data/afhq_v2/train")            # flip + posterior sampling on
     item = ds[0]        # {'x': [4, 32, 32], 'edge': [1, 256, 256], 'label', 'index', 'key'}
@@ -23,8 +23,8 @@ import lmdb
 import numpy as np
 import torch
 
-from preprocess.records import (META_KEY, RecordError, decode_meta, decode_record,
-                                latent_scale, unpack_edge)
+from .codec import latent_scale
+from .records import META_KEY, RecordError, decode_meta, decode_record, unpack_edge
 
 _LEVEL_F32 = np.arange(256, dtype=np.float32) / 255.0        # grey level -> [0, 1]
 EDGE_DTYPES = (torch.float32, torch.uint8)
@@ -188,7 +188,7 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     # ---- raw access -----------------------------------------------------------------------
     def record(self, i: int) -> dict[str, np.ndarray]:
-        """The stored arrays of sample ``i`` (see preprocess/records.py)."""
+        """The stored arrays of sample ``i`` (see meanflow/records.py)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} records in {self.path}")
         key = self._bkeys[i]

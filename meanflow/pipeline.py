@@ -9,9 +9,9 @@ Inputs are turned into the model's condition the way the training data's were, f
 metadata the export records (``dataset_meta`` in model_config.json):
 
 * an edge map or hand-drawn sketch (white-on-black or black-on-white, any size and aspect)
-  gets the dataset's geometry (ADM centre crop to the edge size, preprocess/sources.py) and
+  gets the dataset's geometry (ADM centre crop to the edge size, meanflow/images.py) and
   is binarised: a pixel is an edge when a stroke at least half a source pixel wide crosses
-  it, as a detector's one-pixel contour would; then the detector's closing (preprocess/edges.py);
+  it, as a detector's one-pixel contour would; then the detector's closing (meanflow/edges.py);
 * a photo goes through the dataset's own pipeline and edge detector (detector_from_meta).
 
 Sample k of a call (inputs in order, ``num_per_input`` each) draws its noise from
@@ -32,16 +32,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ._layout import repo_packages
 from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
+from .edges import close_gaps, detector_from_meta, quantize
+from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import process_device
 from .sampling import sample, sample_noise
-from .training import EXPORT_CONFIG, EXPORT_DIR, load_export, mix_seed
-
-with repo_packages():
-    from preprocess.edges import close_gaps, detector_from_meta, quantize
-    from preprocess.sources import center_crop_arr, prepare_image, to_rgb
+from .training import EXPORT_CONFIG, EXPORT_DIR, load_model, mix_seed
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -78,8 +75,6 @@ def _open_file(path: Path) -> Image.Image:
     if w * h > MAX_INPUT_PIXELS:
         raise InputError(f"{path}: {w}x{h} pixels is over the limit of {MAX_INPUT_PIXELS:,} "
                          f"(refused before decoding)")
-    with repo_packages():
-        from preprocess.sources import open_image
     try:
         return open_image(path, max_pixels=MAX_INPUT_PIXELS)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt: one line naming the file
@@ -302,7 +297,7 @@ class Pipeline:
 
     # ---- saving ---------------------------------------------------------------------------
     def save_pretrained(self, out: str | os.PathLike) -> Path:
-        """A self-contained folder: model.safetensors, model_config.json (what load_export and
+        """A self-contained folder: model.safetensors, model_config.json (what load_model and
         evaluate.py read: model, objective, data settings, the dataset's metadata with the
         codec / VAE reference and the edge detector settings) and a model card README.md."""
         out = Path(out)
@@ -385,6 +380,5 @@ def load_pipeline(path: str | os.PathLike, device=None) -> Pipeline:
     """A :class:`Pipeline` from a run folder (with export/), an export or saved folder, or a
     checkpoint; ``device`` defaults to the process's (CUDA when present, else the CPU)."""
     dev = process_device(device)
-    with repo_packages():
-        model, info = load_export(path, dev)
+    model, info = load_model(path, dev)
     return Pipeline(model, info, dev, Path(path))

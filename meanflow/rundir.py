@@ -27,8 +27,8 @@ from typing import Callable, Optional
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .training import (COMPLETE, EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
-                       list_checkpoints)
+from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
+                       CheckpointError, checkpoint_step, list_checkpoints)
 
 LOCK_FILE = ".lock"
 CORRUPT_SUFFIX = ".corrupt"        # a skipped checkpoint is renamed to step_XXXXXXX.corrupt
@@ -37,10 +37,6 @@ MODEL_FILE = "model.safetensors"   # accelerate's model weights in a checkpoint;
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run folder's lock."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose files cannot be used; the message names the file."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -138,17 +134,6 @@ def check_file(f: Path) -> None:
         kind = ("refused by torch.load(weights_only=True): not plain tensors"
                 if type(e).__name__ == "UnpicklingError" else type(e).__name__)
         raise CheckpointError(f"{f}: cannot be loaded ({kind}: {_first_line(e)})") from None
-
-
-def checkpoint_step(path: Path) -> tuple[int, float]:
-    """(step, training seconds so far) from a checkpoint's COMPLETE marker."""
-    marker = Path(path) / COMPLETE
-    try:
-        parts = marker.read_text().split()
-        return int(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
-    except (OSError, ValueError, IndexError):
-        raise CheckpointError(f"{marker}: missing or unreadable (not a complete "
-                              f"checkpoint)") from None
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -210,8 +210,30 @@ def load_ema(ckpt: Path, ema: EMA) -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint whose files cannot be used; the message names the file."""
+
+
 def ckpt_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` carries the COMPLETE marker (written last, after every file of the
+    checkpoint): without it a checkpoint is an interrupted save and is never used."""
+    return (Path(path) / COMPLETE).is_file()
+
+
+def checkpoint_step(path: Path) -> tuple[int, float]:
+    """(step, training seconds so far) from a checkpoint's COMPLETE marker, the one reader of
+    the marker's contents ("<step> <seconds>"; older markers hold the step alone)."""
+    marker = Path(path) / COMPLETE
+    try:
+        parts = marker.read_text().split()
+        return int(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
+    except (OSError, ValueError, IndexError):
+        raise CheckpointError(f"{marker}: missing or unreadable (not a complete "
+                              f"checkpoint)") from None
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -221,7 +243,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for p in ckpt_dir.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and (p / COMPLETE).is_file():
+        if m and is_complete(p):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -260,15 +282,47 @@ def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dic
     export_config(out_dir, cfg, dataset_meta, step, ema_decay)
 
 
+def load_model(path: str | Path, device=None) -> tuple[nn.Module, dict]:
+    """(network in eval mode on ``device``, its export info) from an export or saved pipeline
+    folder, a run folder containing ``export/``, or a checkpoint (``RUN/checkpoints/step_N``:
+    its first EMA). The one way to load a trained model; ``device`` defaults to the process's
+    (``runtime.process_device``: cuda:LOCAL_RANK when CUDA is available, else the CPU).
+
+    The files are read and checked on the CPU; the network is then built on ``device`` itself
+    and the weights copied in (:func:`place_model`), so no process's weights pass through
+    cuda:0."""
+    from .runtime import process_device
+    dev = process_device(device)
+    net, info = load_export(path, "cpu")
+    if dev.type != "cpu":
+        net = place_model(net, info, dev)
+    return net, info
+
+
+def place_model(net: nn.Module, info: dict, device) -> nn.Module:
+    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
+    (building there, rather than moving, also works under a fake-tensor device)."""
+    from ._layout import repo_packages
+    with repo_packages():
+        import models
+    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    with torch.device(device):
+        out = models.build(mcfg)
+    out.load_state_dict(net.state_dict())
+    return out.eval()
+
+
 def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
-    """Build the backbone from an export folder, a run folder containing ``export/``, or a
-    checkpoint (``RUN/checkpoints/step_XXXXXXX``: its first EMA, from ``ema.safetensors``)."""
-    import models
+    """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
+    inference) into a network built on the CPU, then moved to ``device``."""
+    from ._layout import repo_packages
+    with repo_packages():
+        import models
 
     p = Path(path)
     if (p / EXPORT_DIR / EXPORT_CONFIG).is_file():
         p = p / EXPORT_DIR
-    checkpoint = (p / COMPLETE).is_file() and (p / EMA_FILE).is_file()
+    checkpoint = is_complete(p) and (p / EMA_FILE).is_file()
     cfg_file, w_file = p / EXPORT_CONFIG, p / (EMA_FILE if checkpoint else "model.safetensors")
     for f in (cfg_file, w_file):
         if not f.is_file():

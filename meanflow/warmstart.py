@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .training import COMPLETE, EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, load_export
+from .training import EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, is_complete, load_model
 
 DIT_RENAMES = (("t_embedder.", "cond.t_embedder."),
                ("y_embedder.embedding_table.", "cond.y_embedder."))
@@ -33,7 +33,7 @@ class WarmStartError(ValueError):
 
 def _is_project_model(p: Path) -> bool:
     return ((p / EXPORT_CONFIG).is_file() or (p / EXPORT_DIR / EXPORT_CONFIG).is_file()
-            or ((p / COMPLETE).is_file() and (p / EMA_FILE).is_file()))
+            or (is_complete(p) and (p / EMA_FILE).is_file()))
 
 
 def read_state_dict(path: Path) -> dict:
@@ -88,7 +88,7 @@ def init_from(model: nn.Module, source: str | Path) -> str:
             raise WarmStartError(f"train.init_from={source}: a folder must be an export, a run "
                                  f"folder or a checkpoint of this project")
         try:
-            net, info = load_export(p)
+            net, info = load_model(p, "cpu")
         except (FileNotFoundError, ValueError) as e:
             raise WarmStartError(f"train.init_from={source}: {e}") from None
         state = net.state_dict()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Attention as _TimmAttention
 from torch import Tensor
 
-from . import jvp_ops as J
+from . import jvp_ops
 
 FREQ_EMBED_DIM = 256       # sinusoidal features per time input (DiT's frequency_embedding_size)
 MAX_PERIOD = 10_000.0      # longest period of the sinusoidal features (DiT, Transformer)
@@ -31,8 +31,9 @@ EMBED_INIT_STD = 0.02      # std of learned embeddings (class table, null edge),
 NORM_GROUPS = 32           # GroupNorm groups (fewer when a width is not a multiple of 32)
 
 # A model's nn layers -> drop-in subclasses with the same state dict (see use_fast_jvp_ops)
-_FAST_JVP_CLASSES = {nn.Linear: J.Linear, nn.Conv2d: J.Conv2d, nn.GroupNorm: J.GroupNorm,
-                     nn.LayerNorm: J.LayerNorm, nn.SiLU: J.SiLU}
+_FAST_JVP_CLASSES = {nn.Linear: jvp_ops.Linear, nn.Conv2d: jvp_ops.Conv2d,
+                     nn.GroupNorm: jvp_ops.GroupNorm, nn.LayerNorm: jvp_ops.LayerNorm,
+                     nn.SiLU: jvp_ops.SiLU}
 
 
 # --------------------------------------------------------------------------------------------

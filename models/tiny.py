@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import jvp_ops as J
+from . import jvp_ops
 
 
 def time_features(s: Tensor, dim: int, max_period: float = 100.0) -> Tensor:
@@ -58,9 +58,9 @@ class _Attention(nn.Module):
     def __init__(self, ch: int, heads: int = 2):
         super().__init__()
         self.heads = heads
-        self.norm = J.GroupNorm(8, ch)
-        self.qkv = J.Conv2d(ch, 3 * ch, 1)
-        self.proj = J.Conv2d(ch, ch, 1)
+        self.norm = jvp_ops.GroupNorm(8, ch)
+        self.qkv = jvp_ops.Conv2d(ch, 3 * ch, 1)
+        self.proj = jvp_ops.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, hh, ww = x.shape
@@ -78,15 +78,16 @@ class TinyConvNet(nn.Module):
                  num_classes: int = 0, temb: int = 64):
         super().__init__()
         self.temb, self.num_classes = temb, num_classes
-        self.t_mlp = nn.Sequential(J.Linear(2 * temb, ch), J.SiLU(), J.Linear(ch, ch))
-        self.inp = J.Conv2d(in_channels + edge_channels, ch, 3, padding=1)
+        self.t_mlp = nn.Sequential(jvp_ops.Linear(2 * temb, ch), jvp_ops.SiLU(),
+                                   jvp_ops.Linear(ch, ch))
+        self.inp = jvp_ops.Conv2d(in_channels + edge_channels, ch, 3, padding=1)
         self.null_edge = nn.Parameter(torch.randn(ch) * 0.02) if edge_channels else None
         self.label_emb = nn.Embedding(num_classes + 1, ch) if num_classes else None
-        self.c1 = J.Conv2d(ch, ch, 3, padding=1)
-        self.down = J.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.c1 = jvp_ops.Conv2d(ch, ch, 3, padding=1)
+        self.down = jvp_ops.Conv2d(ch, ch, 3, stride=2, padding=1)
         self.attn = _Attention(ch)
-        self.up = J.Conv2d(ch, ch, 3, padding=1)
-        self.out = J.Conv2d(2 * ch, in_channels, 3, padding=1)
+        self.up = jvp_ops.Conv2d(ch, ch, 3, padding=1)
+        self.out = jvp_ops.Conv2d(2 * ch, in_channels, 3, padding=1)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, edge: Optional[Tensor] = None,
                 label: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
@@ -105,8 +106,9 @@ class TinyConvNet(nn.Module):
             if keep is not None:
                 label = torch.where(keep, label, torch.full_like(label, self.num_classes))
             emb = emb + self.label_emb(label)
-        h0 = J.silu(self.inp(x) + emb[:, :, None, None])                     # [B, ch, H, W]
-        h = J.silu(self.c1(h0))
-        h = self.attn(J.silu(self.down(h)))                                 # [B, ch, H/2, W/2]
-        h = J.silu(self.up(F.interpolate(h, scale_factor=2.0, mode="nearest")))  # [B, ch, H, W]
+        h0 = jvp_ops.silu(self.inp(x) + emb[:, :, None, None])              # [B, ch, H, W]
+        h = jvp_ops.silu(self.c1(h0))
+        h = self.attn(jvp_ops.silu(self.down(h)))                          # [B, ch, H/2, W/2]
+        up = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = jvp_ops.silu(self.up(up))                                      # [B, ch, H, W]
         return self.out(torch.cat([h, h0], 1))

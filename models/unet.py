@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import jvp_ops as J
+from . import jvp_ops
 from .layers import (ConditionEmbedder, SpatialSelfAttention, check_inputs, check_prediction,
                      edge_keep_mask, norm_groups, to_velocity, use_fast_jvp_ops, zero_init_)
 
@@ -64,10 +64,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # x: [B, Cin, H, W], emb: [B, E] (already through SiLU)
-        h = self.conv1(J.silu(self.norm1(x)))                               # [B, Cout, H, W]
+        h = self.conv1(jvp_ops.silu(self.norm1(x)))                         # [B, Cout, H, W]
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x [B, Cout, 1, 1]
         h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(J.silu(h)))
+        h = self.conv2(self.dropout(jvp_ops.silu(h)))
         return self.skip(x) + h
 
 
@@ -137,7 +137,7 @@ class EdgeEncoder(nn.Module):
         feats = []
         for level, (down, conv, out) in enumerate(zip(self.down, self.convs, self.outs)):
             if level > 0:
-                e = J.silu(down(e))                                         # [B, Cl, S/2^l, .]
+                e = jvp_ops.silu(down(e))                                   # [B, Cl, S/2^l, .]
             e = conv(e)
             feats.append(out(e))
         return feats
@@ -228,7 +228,7 @@ class UNet(nn.Module):
         check_inputs(z, r, t, edge, label, keep, in_channels=self.in_channels,
                      input_size=self.input_size, edge_channels=self.edge_channels,
                      edge_size=self.edge_size, num_classes=self.num_classes)
-        emb = J.silu(self.cond(r, t, label, keep, edge is not None).to(z.dtype))   # [B, E]
+        emb = jvp_ops.silu(self.cond(r, t, label, keep, edge is not None).to(z.dtype))  # [B, E]
         edge_feats: list[Optional[Tensor]] = [None] * len(self.down)
         if edge is not None:
             edge_feats = self.edge_encoder(edge.to(z.dtype))   # per level [B, C_l, S_l, S_l]
@@ -254,5 +254,5 @@ class UNet(nn.Module):
                 h = layer(torch.cat([h, hs.pop()], dim=1), emb)
             if i < len(self.upsample):
                 h = self.upsample[i](h)                                     # [B, C, 2x, 2x]
-        out = self.conv_out(J.silu(self.norm_out(h)))                       # [B, Cin, S, S]
+        out = self.conv_out(jvp_ops.silu(self.norm_out(h)))                 # [B, Cin, S, S]
         return to_velocity(out, z, t, self.prediction, self.x_pred_t_min)

@@ -8,7 +8,7 @@
         --codec pixel --edges canny
     python preprocess/cache.py --inspect data/afhq_v2/train       # metadata + a PNG grid
 
-Each split becomes its own LMDB folder ``OUT/<split>`` (format: preprocess/records.py).
+Each split becomes its own LMDB folder ``OUT/<split>`` (format: meanflow/records.py).
 Writes are transactions of one batch, so a run killed at any moment and started again
 skips what is already stored and finishes with no duplicate or torn record; the metadata
 record (key list, counts) is rebuilt at the end of every run. Files that cannot be used
@@ -38,15 +38,16 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from preprocess.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
-                              EdgeConfigError, EdgeDetector, build_detector, hub_failure,
-                              looks_like_path)
-from preprocess.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
-                                FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
-                                encode_meta,
-                                encode_record, key_category, key_part)
-from preprocess.sources import (Item, Source, SourceError, open_sources,  # noqa: E402
-                                prepare_image)
+from meanflow.codec import VAE_DTYPES, CodecError, PixelCodec, VAECodec  # noqa: E402
+from meanflow.distributed import (LaunchError, init_gloo, launcher_rank_world,  # noqa: E402
+                                  progress)
+from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # noqa: E402
+                            EdgeConfigError, EdgeDetector, build_detector, looks_like_path)
+from meanflow.images import prepare_image  # noqa: E402
+from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
+                              FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
+                              encode_meta, encode_record, key_category, key_part)
+from preprocess.sources import Item, Source, SourceError, open_sources  # noqa: E402
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 SETTINGS_KEY = "__settings__"       # what the records were made with; a rerun must match
@@ -55,7 +56,6 @@ MIB = 1 << 20
 MIN_MAP_SIZE = 8 * MIB
 MAP_SIZE_SLACK = 1.5                # headroom over the estimated data size
 RECORD_OVERHEAD = 512               # safetensors header + LMDB node, bytes per record
-VAE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class UsageError(ValueError):
@@ -118,7 +118,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     edg.add_argument("--canny-low", type=float, default=CANNY_LOW)
     edg.add_argument("--canny-high", type=float, default=CANNY_HIGH,
                      help="Canny hysteresis thresholds on the L2 gradient; 100/200 suit both "
-                          "32x32 Fashion-MNIST and 256x256 photos (see preprocess/edges.py)")
+                          "32x32 Fashion-MNIST and 256x256 photos (see meanflow/edges.py)")
     edg.add_argument("--canny-sigma", type=float, default=None,
                      help="Gaussian pre-blur (default: edge size / 256; none below 0.5)")
     edg.add_argument("--annotators", default=ANNOTATORS_ID,
@@ -163,18 +163,6 @@ def preflight_paths(args: argparse.Namespace) -> None:
         raise UsageError(f"--annotators {args.annotators}: no such folder")
 
 
-def dist_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate environment variables."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise UsageError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
-                         f"{os.environ.get('WORLD_SIZE')!r} must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
 def check_output(out: Path) -> None:
     """The output folder exists (or can be made) and accepts files."""
     try:
@@ -186,94 +174,8 @@ def check_output(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Codecs
+# Codec (meanflow/codec.py)
 # --------------------------------------------------------------------------------------------
-class PixelCodec:
-    """The image itself, uint8; the reader maps it to [-1, 1]."""
-
-    name = "pixel"
-
-    def __init__(self, image_size: int, channels: int):
-        self.image_size, self.channels = image_size, channels
-
-    def describe(self) -> dict[str, Any]:
-        return {"codec": "pixel", "x_shape": [self.channels, self.image_size, self.image_size]}
-
-    def record_bytes(self) -> int:
-        return self.image_size ** 2 * self.channels
-
-    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
-        return [{} for _ in images]                     # the image itself is the record
-
-
-class VAECodec:
-    """diffusers AutoencoderKL: posterior mean and std of the image and of its mirror image,
-    stored unscaled in fp16; ``scaling_factor`` (and ``shift_factor``) go in the metadata."""
-
-    name = "sd-vae"
-
-    def __init__(self, name_or_path: str, image_size: int, device: str, dtype: str):
-        import torch
-        from diffusers import AutoencoderKL
-
-        p = Path(name_or_path)
-        if not p.is_dir() and looks_like_path(name_or_path):
-            raise UsageError(f"--vae {name_or_path}: no such folder")
-        kwargs = {}
-        if (p.is_dir() and not (p / "config.json").is_file()
-                and (p / "vae" / "config.json").is_file()):
-            kwargs["subfolder"] = "vae"                    # a whole diffusers pipeline folder
-        tdtype = getattr(torch, VAE_DTYPES[dtype])
-        try:
-            vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype, **kwargs)
-        except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
-            offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
-            if offline:
-                raise UsageError(offline) from None
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"--vae {name_or_path}: cannot load an AutoencoderKL: {msg}") from None
-        self.torch = torch
-        self.device, self.dtype = torch.device(device), tdtype
-        self.vae = vae.to(self.device).eval().requires_grad_(False)
-        cfg = vae.config
-        self.vae_id, self.dtype_name = name_or_path, dtype
-        self.scaling_factor = float(cfg.scaling_factor)
-        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
-        if image_size % self.factor:
-            raise UsageError(f"--image-size {image_size} is not divisible by the VAE's "
-                             f"downsampling factor {self.factor} ({name_or_path})")
-        self.latent_shape = [int(cfg.latent_channels), image_size // self.factor,
-                             image_size // self.factor]
-
-    def describe(self) -> dict[str, Any]:
-        return {"codec": "sd-vae", "x_shape": list(self.latent_shape), "vae": self.vae_id,
-                "vae_class": "AutoencoderKL", "vae_dtype": self.dtype_name,
-                "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
-                "latent_shape": list(self.latent_shape)}
-
-    def record_bytes(self) -> int:
-        return 2 * 2 * 2 * math.prod(self.latent_shape)        # mean + std, 2 flips, fp16
-
-    def encode(self, images: list[np.ndarray]) -> list[Optional[dict[str, np.ndarray]]]:
-        """B x uint8 [H, W, 3] -> per image {'mean', 'std'} [2, c, h, w] fp16 (None: failed)."""
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
-            x = x / 127.5 - 1.0                                              # [B, 3, H, W]
-            x = torch.cat([x, x.flip(-1)]).to(self.dtype)                    # [2B, 3, H, W]
-            post = self.vae.encode(x).latent_dist
-            b = len(images)
-            mean = torch.stack([post.mean[:b], post.mean[b:]], 1).float().cpu()  # [B, 2, c, h, w]
-            std = torch.stack([post.std[:b], post.std[b:]], 1).float().cpu()
-        mean16, std16 = mean.half(), std.half()
-        out: list[Optional[dict[str, np.ndarray]]] = []
-        for i in range(b):
-            ok = bool(torch.isfinite(mean16[i]).all() and torch.isfinite(std16[i]).all())
-            out.append({"mean": mean16[i].numpy(), "std": std16[i].numpy()} if ok else None)
-        return out
-
-
 def build_codec(args: argparse.Namespace, device: str):
     if args.codec == "pixel":
         return PixelCodec(args.image_size, args.channels)
@@ -437,8 +339,6 @@ def commit_batch(env: lmdb.Environment, good: list[tuple[str, Callable[[], bytes
 
 def process_split(env: lmdb.Environment, split_idx: int, src: Source, args, codec,
                   detector: Optional[EdgeDetector], pool, rank: int, world: int) -> Counts:
-    from tqdm import tqdm
-
     mine = src.items[rank::world]
     have = existing_sample_keys(env)
     pending = [it for it in mine if it.key not in have]
@@ -446,8 +346,7 @@ def process_split(env: lmdb.Environment, split_idx: int, src: Source, args, code
     cpu_detector = detector if detector is not None and not detector.device_bound else None
     store_image = codec.name == "pixel" or args.store_images == "always" or (
         args.store_images == "auto" and src.split != "train")
-    bar = tqdm(total=len(pending), desc=f"{src.split}", unit="img", disable=rank != 0,
-               dynamic_ncols=True)
+    bar = progress(len(pending), src.split, main=rank == 0, mininterval=None)
     for lo in range(0, len(pending), args.batch_size):
         batch = pending[lo: lo + args.batch_size]
         if pool is not None:
@@ -612,17 +511,6 @@ def inspect(path: Path, n: int, out: Optional[Path]) -> int:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-def _init_dist(rank: int, world: int):
-    """A gloo group for the end-of-run summary when launched by torchrun / accelerate;
-    plain RANK / WORLD_SIZE processes (no MASTER_ADDR) work without one."""
-    if world == 1 or not os.environ.get("MASTER_ADDR"):
-        return None
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    return dist
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.inspect is not None:
@@ -630,7 +518,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     pool = None
     made_output = args.output is not None and not args.output.exists()
     try:
-        rank, world = dist_env()
+        rank, world = launcher_rank_world()
         sources = open_sources(args.source, input_root=args.input,
                                fashion_root=args.fashion_root, splits=args.splits,
                                limit=args.limit, download=args.download)
@@ -675,7 +563,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ensure_settings(env, st, args.output / s.split)
             finally:
                 env.close()
-    except (UsageError, SourceError, EdgeConfigError) as e:
+    except (UsageError, SourceError, EdgeConfigError, LaunchError, CodecError) as e:
         if pool is not None:
             pool.terminate()
         if made_output:                 # leave no empty output folder behind
@@ -686,7 +574,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    dist = _init_dist(rank, world)
+    dist = init_gloo(rank, world)        # for the end-of-run summary
     ok = False
     try:
         for i, (src, st, nbytes, done) in enumerate(zip(sources, settings, est, done_splits)):

@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from meanflow import metrics as M  # noqa: E402
+from meanflow import metrics  # noqa: E402
+from meanflow.distributed import finish, init_state, progress  # noqa: E402
+from meanflow.evaluation import spread  # noqa: E402
 from meanflow.runtime import process_device  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -96,7 +98,7 @@ class ImageSource(torch.utils.data.Dataset):
         if self.ds is not None:
             img = self.ds.image(i)
         else:
-            from preprocess.sources import center_crop_arr, open_image, to_rgb
+            from meanflow.images import center_crop_arr, open_image, to_rgb
             try:
                 rgb = to_rgb(open_image(self.files[i]))
             except Exception as e:  # noqa: BLE001 - a reference must not silently drop images
@@ -120,29 +122,22 @@ class _Positions(torch.utils.data.Dataset):
         return p, self.src[self.sel[p]]
 
 
-def spread(n_total: int, n: int) -> list[int]:
-    """``n`` evenly spaced indices of ``n_total`` (evaluate.py's selection rule)."""
-    return [(k * n_total) // n for k in range(n)]
-
-
 def compute(args, state, device: torch.device) -> tuple[Optional[dict], dict]:
     """The statistics (rank 0; None elsewhere) and the key they are stored with."""
-    from tqdm import tqdm
     src = ImageSource(Path(args.input), args.image_size)
     n = len(src) if args.num_samples is None else args.num_samples
     if not 2 <= n <= len(src):
         raise StatsError(f"--num-samples {n}: the input has {len(src)} images (need 2 to all)")
-    sel = spread(len(src), n)
-    weights = M.fid_weights_path(args.fid_weights)
+    sel = spread(list(range(len(src))), n)            # evaluate.py's selection rule
+    weights = metrics.fid_weights_path(args.fid_weights)
     rank, world = state.process_index, state.num_processes
     # fixed batches of positions; process r takes batches r, r + world, ... (as evaluate.py)
     starts = list(range(0, n, args.batch_size))[rank::world]
     mine = [p for lo in starts for p in range(lo, min(n, lo + args.batch_size))]
     loader = torch.utils.data.DataLoader(_Positions(src, sel, mine), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=list)
-    acc = M.StreamedStatistics(n, device=device)
-    bar = tqdm(total=n, desc="reference statistics", unit="img", dynamic_ncols=True,
-               disable=rank != 0, mininterval=2.0)
+    acc = metrics.StreamedStatistics(n, device=device)
+    bar = progress(n, "reference statistics", main=rank == 0)
     for batch in loader:
         # images of different sizes (an uncropped folder) go through the network one size
         # at a time
@@ -154,7 +149,7 @@ def compute(args, state, device: torch.device) -> tuple[Optional[dict], dict]:
     bar.close()
     st = acc.reduce()
     key = {"input": str(Path(args.input).resolve()), "n": n, "image_size": args.image_size,
-           "weights_sha256": M.weights_hash(weights), "format": M.STATS_FORMAT}
+           "weights_sha256": metrics.weights_hash(weights), "format": metrics.STATS_FORMAT}
     return st, key
 
 
@@ -166,24 +161,19 @@ def main(argv=None) -> int:
     if args.batch_size < 1 or args.workers < 0:
         print("error: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
         return 2
-    from accelerate import PartialState
     device = process_device(args.device)        # before anything is loaded
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    state = PartialState(cpu=device.type != "cuda")
+    state = init_state(device)
     try:
         st, key = compute(args, state, device)
-    except (StatsError, M.FIDWeightsError) as e:
+    except (StatsError, metrics.FIDWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if state.is_main_process:
-        M.save_statistics(args.output, st, key)
+        metrics.save_statistics(args.output, st, key)
         print(f"wrote {args.output}: N = {st['n']}, mu {st['mu'].shape}, sigma "
               f"{st['sigma'].shape}, {len(st['features'])} features kept; key "
               f"{json.dumps(key)}", flush=True)
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        state.destroy_process_group()
+    finish(state)
     return 0
 
 

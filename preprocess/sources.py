@@ -1,5 +1,5 @@
-"""Where images come from: an image folder (AFHQ v2 layout) or the Fashion-MNIST IDX files,
-and the image pipeline every source shares (any PIL mode -> RGB -> ADM centre crop).
+"""Where images come from: an image folder (AFHQ v2 layout) or the Fashion-MNIST IDX files.
+Each source's images then go through the shared image pipeline (meanflow/images.py).
 
 A source is split-wise: :class:`Source` lists :class:`Item` s (key, label, origin) in a fixed
 order and opens one of them as a PIL image. Bad inputs raise; the caller records the reason.
@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import gzip
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from preprocess.records import key_part, sample_key
+from meanflow.images import open_image
+from meanflow.records import key_part, sample_key
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 # Debian's dataset-fashion-mnist package installs the four gzipped IDX files here.
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PREFIX = {"train": "train", "test": "t10k"}
-UINT16_TO_UINT8 = 257.0            # 65535 / 255: maps the 16-bit range onto 8 bits exactly
-WHITE = (255, 255, 255, 255)       # background that transparent pixels are composited onto
 
 
 class SourceError(ValueError):
@@ -37,88 +35,6 @@ class Item:
     label: int        # index into the source's class_names
     origin: str       # file path (or IDX file#index), for reports
     index: int = -1   # position inside an array source (Fashion-MNIST)
-
-
-# --------------------------------------------------------------------------------------------
-# Image pipeline
-# --------------------------------------------------------------------------------------------
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer / float greyscale -> 8-bit 'L' without clipping.
-
-    PIL's own convert('L') clips 'I;16' at 255 instead of rescaling, which turns almost every
-    16-bit photo white.
-    """
-    arr = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        out = arr.astype(np.float64) / UINT16_TO_UINT8
-    elif img.mode == "I":
-        # 16-bit PNGs open as 'I' in some Pillow versions: rescale whatever exceeds 8 bits
-        out = arr.astype(np.float64)
-        if out.max(initial=0) > 255:
-            out = out / UINT16_TO_UINT8
-    else:  # 'F'
-        out = arr.astype(np.float64)
-        if np.nanmax(out, initial=0) <= 1.0:
-            out = out * 255.0
-    return Image.fromarray(np.clip(np.rint(np.nan_to_num(out)), 0, 255).astype(np.uint8), "L")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 'RGB': transparency composited on white, 16-bit rescaled, CMYK and
-    palette converted."""
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        img = _to_8bit(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
-    """ADM's centre crop (guided-diffusion): halve with a box filter while the short side is at
-    least twice the target (cheap and alias-free), then one bicubic resize so the short side
-    equals ``size``, then crop the centre square. Returns uint8 [size, size, C]."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    arr = arr[top: top + size, left: left + size]
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def open_image(path: str | Path, max_pixels: Optional[int] = None) -> Image.Image:
-    """Open and fully decode an image file. Raises on truncated, corrupt, non-image and
-    zero-byte files, and on decompression bombs (PIL's warning is turned into an error)."""
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.load()                       # decode now: truncation surfaces here, not later
-            img = im.copy()
-    try:
-        img = ImageOps.exif_transpose(img)  # camera photos are stored rotated
-    except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the image
-        pass
-    return img
-
-
-def prepare_image(img: Image.Image, size: int, channels: int,
-                  min_side: Optional[int] = None) -> np.ndarray:
-    """PIL image -> uint8 [size, size, channels] (channels 3 = RGB, 1 = luma)."""
-    if min_side is not None and min(img.size) < min_side:
-        raise ValueError(f"image {img.size[0]}x{img.size[1]} is smaller than half the target "
-                         f"size ({min_side} px)")
-    rgb = to_rgb(img)
-    if channels == 1:
-        rgb = rgb.convert("L")
-    elif channels != 3:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    return center_crop_arr(rgb, size)
 
 
 # --------------------------------------------------------------------------------------------

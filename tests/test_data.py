@@ -28,9 +28,10 @@ from PIL import Image
 from meanflow.config import DataConfig, ModelConfig
 from meanflow.data import (DatasetMismatchError, LMDBDataset, check_compatible, edge_array,
                            read_meta)
-from preprocess import records as R
-from preprocess.edges import CannyEdges, close_gaps, quantize
-from preprocess.sources import center_crop_arr, read_idx, to_rgb
+from meanflow import records
+from meanflow.edges import CannyEdges, close_gaps, quantize
+from meanflow.images import center_crop_arr, to_rgb
+from preprocess.sources import read_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -197,48 +198,50 @@ def test_record_round_trip_binary_and_multilevel_edges():
     mean = rng.standard_normal((2, 4, 2, 2)).astype(np.float16)
     std = np.abs(rng.standard_normal((2, 4, 2, 2))).astype(np.float16)
     binary = (rng.random((1, 8, 13)) > 0.5).astype(np.uint8) * 255       # width not a multiple of 8
-    rec = R.decode_record(R.encode_record(3, image=img, mean=mean, std=std, edge=binary))
+    rec = records.decode_record(records.encode_record(3, image=img, mean=mean, std=std,
+                                                      edge=binary))
     assert set(rec) == {"label", "image", "mean", "std", "edge_bits", "edge_shape"}
     assert rec["label"].tolist() == [3] and np.array_equal(rec["image"], img)
     assert np.array_equal(rec["mean"], mean) and np.array_equal(rec["std"], std)
     assert rec["edge_bits"].nbytes == 8 * 2                                # 13 bits -> 2 bytes
-    assert np.array_equal(R.unpack_edge(rec), binary.astype(np.float32) / 255)
+    assert np.array_equal(records.unpack_edge(rec), binary.astype(np.float32) / 255)
     for width in (13, 16):                       # flipped while unpacking; padding bits
         e = (rng.random((2, 3, width)) > 0.5).astype(np.uint8) * 255
-        r = R.decode_record(R.encode_record(0, edge=e))
+        r = records.decode_record(records.encode_record(0, edge=e))
         for flip in (False, True):
             want = e[..., ::-1] if flip else e
             assert np.array_equal(edge_array(r, flip, torch.float32), want / 255.0)
             assert np.array_equal(edge_array(r, flip, torch.uint8), want)
     multi = quantize(rng.integers(0, 256, (1, 5, 7), np.uint8), 8)
-    rec = R.decode_record(R.encode_record(0, edge=multi, edge_levels=8))
+    rec = records.decode_record(records.encode_record(0, edge=multi, edge_levels=8))
     assert rec["edge"].dtype == np.uint8 and np.array_equal(rec["edge"], multi)
-    assert np.allclose(R.unpack_edge(rec), multi / 255.0)
+    assert np.allclose(records.unpack_edge(rec), multi / 255.0)
     assert np.allclose(edge_array(rec, True, torch.float32), multi[..., ::-1] / 255.0)
     assert np.array_equal(edge_array(rec, True, torch.uint8), multi[..., ::-1])
     assert set(np.unique(multi)) <= {round(k * 255 / 7) for k in range(8)}
-    good = R.encode_record(1, image=img)
+    good = records.encode_record(1, image=img)
     for bad, why in [(b"\x05\x00\x00\x00\x00\x00\x00\x00garbage", "header is not JSON"),
                      (b"\x01", "not a valid safetensors"),
                      (b"\xff" * 8 + b"{}", "exceeds"),
                      (good[:-5], "truncated")]:
-        with pytest.raises(R.RecordError, match=f"record 'train/x/y'.*{why}"):
-            R.decode_record(bad, "train/x/y")
-    with pytest.raises(R.RecordError, match="image must be uint8"):
-        R.encode_record(0, image=img.astype(np.float32))
-    with pytest.raises(R.RecordError, match="mean/std must both be"):
-        R.encode_record(0, mean=mean[0], std=std[0])
-    assert R.key_part("T-shirt/top") == "T-shirt_top" and R.key_part("Ankle boot") == "Ankle_boot"
-    assert R.key_part("__meta__") == "_meta__"                            # never reserved
+        with pytest.raises(records.RecordError, match=f"record 'train/x/y'.*{why}"):
+            records.decode_record(bad, "train/x/y")
+    with pytest.raises(records.RecordError, match="image must be uint8"):
+        records.encode_record(0, image=img.astype(np.float32))
+    with pytest.raises(records.RecordError, match="mean/std must both be"):
+        records.encode_record(0, mean=mean[0], std=std[0])
+    assert records.key_part("T-shirt/top") == "T-shirt_top"
+    assert records.key_part("Ankle boot") == "Ankle_boot"
+    assert records.key_part("__meta__") == "_meta__"                            # never reserved
 
 
 def test_meta_errors_name_the_problem():
-    with pytest.raises(R.RecordError, match="no __meta__ record"):
-        R.decode_meta(None, "dataset x")
-    with pytest.raises(R.RecordError, match="not valid JSON"):
-        R.decode_meta(b"{", "dataset x")
-    with pytest.raises(R.RecordError, match="format_version 99"):
-        R.decode_meta(json.dumps({"format": R.FORMAT, "format_version": 99}).encode())
+    with pytest.raises(records.RecordError, match="no __meta__ record"):
+        records.decode_meta(None, "dataset x")
+    with pytest.raises(records.RecordError, match="not valid JSON"):
+        records.decode_meta(b"{", "dataset x")
+    with pytest.raises(records.RecordError, match="format_version 99"):
+        records.decode_meta(json.dumps({"format": records.FORMAT, "format_version": 99}).encode())
 
 
 def test_image_pipeline_modes_and_adm_crop():
@@ -372,7 +375,7 @@ def test_fashion_idx_keys_labels_and_channels(fashion, idx_dir, tmp_path):
             s, cat, idx = key.split("/")
             assert s == split and len(idx) == 5
             assert ds.label(i) == labels[prefix][int(idx)]
-            assert R.key_part(ds.class_names[ds.label(i)]) == cat
+            assert records.key_part(ds.class_names[ds.label(i)]) == cat
         ds.close()
     assert np.array_equal(read_idx(idx_dir[0] / "t10k-labels-idx1-ubyte"), labels["t10k"])
     res = cache("--source", "fashion-mnist", "--fashion-root", str(idx_dir[0]), "--output",
@@ -435,15 +438,15 @@ def test_dataloader_workers_and_distributed_sampler(fashion):
 DIE_IN_SECOND_TXN = """
 import os, sys
 sys.path.insert(0, {root!r})
-import preprocess.cache as C
-real, calls = C.encode_record, [0]
+from preprocess import cache as cache_script
+real, calls = cache_script.encode_record, [0]
 def dying(*a, **k):
     calls[0] += 1
     if calls[0] == 11:          # third record of the second batch: inside its transaction
         os._exit(9)
     return real(*a, **k)
-C.encode_record = dying
-sys.exit(C.main(sys.argv[1:]))
+cache_script.encode_record = dying
+sys.exit(cache_script.main(sys.argv[1:]))
 """
 
 
@@ -463,7 +466,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path, idx_dir):
     env = lmdb.open(str(out / "train"))
     with env.begin(write=True) as txn:
         gone = [k for k in txn.cursor().iternext(values=False) if not k.startswith(b"__")][5:9]
-        for k in gone + [R.META_KEY.encode()]:
+        for k in gone + [records.META_KEY.encode()]:
             assert txn.delete(k)
     env.close()
     res = cache(*args)
@@ -629,7 +632,7 @@ def test_hed_detector_class_around_random_network():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
-    from preprocess.edges import AnnotatorEdges
+    from meanflow.edges import AnnotatorEdges
 
     torch.manual_seed(0)
     det = AnnotatorEdges("hed", HEDdetector(ControlNetHED_Apache2().eval()), size=32, levels=4,

@@ -22,6 +22,43 @@ def trained(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+def trained_data(run_dir: Path) -> Path:
+    """The test split next to the training data of ``run_dir``'s model."""
+    cfg = json.loads((run_dir / "export" / "model_config.json").read_text())
+    return Path(cfg["data"]["path"]).parent / "test"
+
+
+def check_grid(out: Path, data: Path, n: int, rows: int, steps: list[str]) -> None:
+    """grid.png of an evaluation of ``n`` samples: ``rows`` rows spread over them, each
+    [edge | real image | the sample PNG of each step count], 16 px tiles, 2 px white gutters."""
+    import numpy as np
+    from PIL import Image
+
+    from meanflow.data import LMDBDataset
+    from meanflow.evaluation import spread
+    ds = LMDBDataset(str(data), flip=False)
+    picked = spread(spread(list(range(len(ds))), n), rows)
+    with Image.open(out / "grid.png") as im:
+        assert im.mode == "RGB"
+        grid = np.asarray(im)
+    cols, s = 2 + len(steps), 16
+    assert grid.shape == (rows * (s + 2) + 2, cols * (s + 2) + 2, 3)
+    frame = np.ones(grid.shape[:2], bool)
+    for r, i in enumerate(picked):
+        def tile(c: int) -> np.ndarray:
+            y, x = 2 + r * (s + 2), 2 + c * (s + 2)
+            frame[y:y + s, x:x + s] = False
+            return grid[y:y + s, x:x + s]
+        edge = (ds.edge_map(i)[0] * 255).astype(np.uint8)               # edge size = 16
+        assert np.array_equal(tile(0), np.repeat(edge[..., None], 3, -1))
+        assert np.array_equal(tile(1), np.repeat(ds.image(i), 3, -1))  # grey -> RGB
+        for c, spec in enumerate(steps, start=2):
+            (png,) = (out / f"steps_{spec}").glob(f"{i:06d}_*.png")
+            with Image.open(png) as sample:
+                assert np.array_equal(tile(c), np.asarray(sample.convert("RGB"))), (spec, i)
+    assert (grid[frame] == 255).all()                                   # gutters and frame
+
+
 def evaluate(ckpt: Path, *args, nproc: int = 1):
     cmd = [PY, "evaluate.py"] if nproc == 1 else [
         PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -138,7 +175,7 @@ def test_a_curve_of_models_from_different_runs_needs_out(trained):
 
 
 def test_spread_picks_evenly_spaced_samples():
-    from evaluate import spread
+    from meanflow.evaluation import spread
     assert spread(list(range(10)), 3) == [0, 3, 6]
     assert spread([5, 7, 9], 3) == [5, 7, 9]
     assert len(set(spread(list(range(10_000)), 1000))) == 1000
@@ -157,7 +194,7 @@ def test_compare_steps_reports_fid_kid_edge_f1_with_n(trained, tmp_path):
         assert 0.0 <= r["edge_f1"] <= 1.0
     md = (out / "results.md").read_text()
     assert "N = 6" in md and "| FID |" in md.replace("FID | KID", "FID |")
-    assert (out / "grid.png").stat().st_size > 0
+    check_grid(out, data=trained_data(trained), n=6, rows=3, steps=["1", "2", "4@0.5"])
     # every FID below N = 1,000 carries a warning: printed, and in both reports
     assert "warning: N = 6 < 1,000: FID is biased upward" in res.stderr
     assert all("N = 6 < 1,000" in r["warning"] for r in rows)
@@ -209,18 +246,19 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import evaluate as E
+    from evaluate import parse_args, resolve
+    from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
-    from meanflow.training import load_export
+    from meanflow.training import load_model, place_model
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     # edges only: the U-Net checks label values, which a fake tensor does not have
     ckpt = make_export(tmp_path, data, "data.use_labels=false", "model.num_classes=0")
-    args = E.parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
-    net, info = load_export(ckpt)                    # files are read on the host, as in main
-    ds, sel, dcfg, mcfg = E.resolve(args, info)
-    cond = E.conditions(ds, dcfg, mcfg, balanced=False)
-    times = E.steps_grid(2).tolist()
+    args = parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
+    net, info = load_model(ckpt, "cpu")              # files are read on the host, as in main
+    ds, sel, dcfg, mcfg = resolve(args, info)
+    cond = conditions(ds, dcfg, mcfg, balanced=False)
+    times = steps_grid(2).tolist()
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with monkeypatch.context() as m:                 # (fake tensors need the real answer)
@@ -228,17 +266,17 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
         device = process_device(None)                # what main() takes, before loading
     assert device == torch.device("cuda", 1)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = E.place_model(net, info, device)
+        model = place_model(net, info, device)
         placed = {t.device for t in [*model.parameters(), *model.buffers()]}
         assert placed == {torch.device("cuda", 1)}
         for amp in (None, torch.bfloat16):
-            x, edge = E.sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
+            x, edge = sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
             assert x.device == edge.device == torch.device("cuda", 1)
             assert x.dtype == torch.float32               # bf16 network, fp32 update
-        old = E.place_model(net, info, torch.device("cuda"))   # the old default device
+        old = place_model(net, info, torch.device("cuda"))   # the old default device
         assert {p.device for p in old.parameters()} == {torch.device("cuda", 0)}
         with pytest.raises(RuntimeError, match="same device"):
-            E.sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)
+            sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)
 
 
 def test_a_checkpoints_evaluation_is_not_inside_the_checkpoint(trained):
@@ -297,15 +335,15 @@ def test_balanced_labels_need_no_dataset_and_give_the_inception_score(trained, t
     import numpy as np
     import torch
 
-    from meanflow import metrics as M
+    from meanflow import metrics
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     ckpt = make_export(tmp_path, data, "data.use_edges=false", "model.edge_channels=0")
     rng = np.random.default_rng(0)
-    f = rng.standard_normal((50, M.FEATURE_DIM))
+    f = rng.standard_normal((50, metrics.FEATURE_DIM))
     npz = tmp_path / "ref.npz"
     np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False))
-    sd = M.load_weights(M.fid_weights_path())
+    sd = metrics.load_weights(metrics.fid_weights_path())
     sd["fc.weight"] = torch.randn(sd["fc.weight"].shape, generator=torch.Generator()
                                   .manual_seed(0)) * 0.01
     sd["fc.bias"] = torch.zeros_like(sd["fc.bias"])
@@ -342,7 +380,7 @@ def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from meanflow import metrics as M
+    from meanflow import metrics
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for cat in ("cat", "dog"):
@@ -369,7 +407,7 @@ def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
     assert res.returncode == 2, res.stderr[-3000:]
     assert "stores no real images" in res.stderr and "--ref-stats" in res.stderr
     assert "Traceback" not in res.stderr and not out.exists()
-    f = rng.standard_normal((20, M.FEATURE_DIM))
+    f = rng.standard_normal((20, metrics.FEATURE_DIM))
     npz = tmp_path / "ref.npz"
     np.savez(npz, mu=f.mean(0), sigma=np.cov(f, rowvar=False), n=np.int64(20))
     res = evaluate(ckpt, "--split", "train", "--fid", "--ref-stats", str(npz), "--out", str(out),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import PY, make_pixel_dataset, run
-from meanflow import metrics as M
+from meanflow import metrics
 
 
 def rel_err(a, b) -> float:
@@ -27,8 +27,8 @@ def test_streamed_statistics_equal_the_stacked_ones():
     # Inception-like: non-negative, mean well away from 0 (the case where S2 - N mu mu^T
     # cancels most)
     f = np.abs(rng.standard_normal((n, d)) + 0.5) * rng.uniform(0.2, 3.0, d)
-    stacked = M.statistics_from_features(f)
-    acc = M.StreamedStatistics(n, dim=d, kept=100)
+    stacked = metrics.statistics_from_features(f)
+    acc = metrics.StreamedStatistics(n, dim=d, kept=100)
     order = rng.permutation(n)                             # any shard, any batch order
     for lo in range(0, n, 37):
         pos = order[lo:lo + 37]
@@ -38,18 +38,18 @@ def test_streamed_statistics_equal_the_stacked_ones():
     assert rel_err(st["mu"], stacked["mu"]) < 1e-10
     assert rel_err(st["sigma"], stacked["sigma"]) < 1e-10
     # the kept features are those of the evenly spaced positions, in sample order
-    keep = M.kept_positions(n, 100)
+    keep = metrics.kept_positions(n, 100)
     assert len(keep) == 100 and keep[1] == 10
     np.testing.assert_array_equal(st["features"], f[keep].astype(np.float32))
     # FID from either agrees
     g = f[::-1] * 1.1 + 0.05
-    ref = M.statistics_from_features(g)
-    assert M.fid_from_statistics(st, ref) == pytest.approx(M.fid_from_statistics(stacked, ref),
-                                                           rel=1e-10)
+    ref = metrics.statistics_from_features(g)
+    assert metrics.fid_from_statistics(st, ref) == pytest.approx(
+        metrics.fid_from_statistics(stacked, ref), rel=1e-10)
 
 
 def test_streamed_statistics_check_shapes_and_count():
-    acc = M.StreamedStatistics(4, dim=8)
+    acc = metrics.StreamedStatistics(4, dim=8)
     with pytest.raises(ValueError, match=r"expected \[2, 8\]"):
         acc.update([0, 1], torch.zeros(2, 7))
     acc.update([0, 1], torch.zeros(2, 8))
@@ -82,14 +82,14 @@ def test_precision_recall_against_brute_force():
                  rng.standard_normal((30, 6)) * 2.5,             # wider than the real set
                  real[:30] + 1e-3):                              # nearly the real set
         want = brute_precision_recall(fake, real)
-        got = M.precision_recall(fake, real, block=7)            # blocks smaller than N
+        got = metrics.precision_recall(fake, real, block=7)            # blocks smaller than N
         assert (got["precision"], got["recall"]) == pytest.approx(want, abs=1e-12)
         assert got["pr_k"] == 3
     # disjoint sets: both zero
-    far = M.precision_recall(real + 100.0, real)
+    far = metrics.precision_recall(real + 100.0, real)
     assert far["precision"] == 0.0 and far["recall"] == 0.0
     with pytest.raises(ValueError, match="more than k = 3"):
-        M.precision_recall(real[:3], real)
+        metrics.precision_recall(real[:3], real)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,11 +100,11 @@ def test_inception_score_formula_against_torch_fidelity():
     rng = np.random.default_rng(2)
     logits = torch.from_numpy(rng.standard_normal((53, 1008)) * 3)
     want = isc_features_to_metric(logits, splits=10, shuffle=False)
-    mean, std = M.inception_score_from_logits(logits, splits=10)
+    mean, std = metrics.inception_score_from_logits(logits, splits=10)
     assert mean == pytest.approx(want["inception_score_mean"], rel=1e-10)
     assert std == pytest.approx(want["inception_score_std"], rel=1e-8)
     # streamed in any order and shard, the sums give the same score
-    a, b = M.InceptionScoreSums(53, 10), M.InceptionScoreSums(53, 10)
+    a, b = metrics.InceptionScoreSums(53, 10), metrics.InceptionScoreSums(53, 10)
     perm = rng.permutation(53)
     a.update(perm[:20], logits[perm[:20]])
     b.update(perm[20:], logits[perm[20:]])
@@ -115,26 +115,26 @@ def test_inception_score_formula_against_torch_fidelity():
     c = 25
     onehot = torch.full((10 * c, 1008), -1e4, dtype=torch.float64)
     onehot[torch.arange(10 * c), torch.arange(10 * c) % c] = 0.0
-    assert M.inception_score_from_logits(onehot)[0] == pytest.approx(c, rel=1e-9)
+    assert metrics.inception_score_from_logits(onehot)[0] == pytest.approx(c, rel=1e-9)
 
 
 def test_only_weights_with_a_classifier_give_the_inception_score(tmp_path):
-    weights = M.fid_weights_path(cache_dir=tmp_path / "cache")
-    assert not M.has_logits(weights)                  # offline FID Inception: fc is NaN
-    sd = M.load_weights(weights)
+    weights = metrics.fid_weights_path(cache_dir=tmp_path / "cache")
+    assert not metrics.has_logits(weights)                  # offline FID Inception: fc is NaN
+    sd = metrics.load_weights(weights)
     g = torch.Generator().manual_seed(0)
     sd["fc.weight"] = torch.randn(sd["fc.weight"].shape, generator=g) * 0.01
     sd["fc.bias"] = torch.zeros_like(sd["fc.bias"])
     with_fc = tmp_path / "with_fc.pth"
     torch.save(sd, with_fc)
-    assert M.has_logits(with_fc)
+    assert metrics.has_logits(with_fc)
     imgs = np.random.default_rng(0).integers(0, 256, (12, 3, 32, 32), dtype=np.uint8)
-    acc = M.StreamedStatistics(12, logits=True)
+    acc = metrics.StreamedStatistics(12, logits=True)
     acc.add(range(12), imgs, weights=with_fc)
     st = acc.reduce()
-    _, logits = M.inception_forward(imgs, weights=with_fc, logits=True)
+    _, logits = metrics.inception_forward(imgs, weights=with_fc, logits=True)
     assert st["inception_score"] == pytest.approx(
-        M.inception_score_from_logits(logits)[0], rel=1e-9)
+        metrics.inception_score_from_logits(logits)[0], rel=1e-9)
     assert st["inception_score"] >= 1.0
 
 
@@ -147,9 +147,9 @@ def write_npz(path: Path, **arrays) -> Path:
 
 
 def test_reference_npz_layout_is_checked(tmp_path):
-    d = M.FEATURE_DIM
+    d = metrics.FEATURE_DIM
     good = write_npz(tmp_path / "good.npz", mu=np.zeros(d), sigma=np.eye(d), extra=np.ones(3))
-    st = M.load_reference_npz(good)
+    st = metrics.load_reference_npz(good)
     assert st["mu"].shape == (d,) and st["n"] is None and "features" not in st
     cases = [
         (write_npz(tmp_path / "keys.npz", m=np.zeros(d), s=np.eye(d)), "expected arrays 'mu'"),
@@ -164,22 +164,22 @@ def test_reference_npz_layout_is_checked(tmp_path):
     cases.append((tmp_path / "text.npz", "not a readable .npz"))
     for path, match in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
-            M.load_reference_npz(path)
+            metrics.load_reference_npz(path)
         assert path.name in str(e.value)
     # object arrays would need unpickling: refused, never loaded
     np.savez(tmp_path / "pickled.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
     with pytest.raises(ValueError, match="pickled.npz"):
-        M.load_reference_npz(tmp_path / "pickled.npz")
+        metrics.load_reference_npz(tmp_path / "pickled.npz")
 
 
 def test_scores_warn_below_one_thousand_samples():
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((14, 8)), rng.standard_normal((20, 8)) + 1
-    out = M.scores(M.statistics_from_features(a), M.statistics_from_features(b))
+    out = metrics.scores(metrics.statistics_from_features(a), metrics.statistics_from_features(b))
     assert "N = 14 < 1,000" in out["warning"] and out["n"] == 14 and out["n_ref"] == 20
     assert {"fid", "kid", "precision", "recall"} <= set(out)
-    big = M.scores({"mu": np.zeros(8), "sigma": np.eye(8), "n": 5000},
-                   {"mu": np.ones(8), "sigma": np.eye(8), "n": None})
+    big = metrics.scores({"mu": np.zeros(8), "sigma": np.eye(8), "n": 5000},
+                         {"mu": np.ones(8), "sigma": np.eye(8), "n": None})
     assert "warning" not in big and big["fid"] == pytest.approx(8.0) and "kid" not in big
 
 
@@ -219,8 +219,8 @@ def test_statistics_file_of_a_cache_a_folder_and_two_processes_agree(data, tmp_p
         Image.fromarray(ds.image(i)[..., 0]).save(pngs / f"{j:03d}.png")
     res = fid_stats("--input", str(pngs.parent), "--output", str(folder_npz))
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b, c = (M.load_reference_npz(p) for p in (one, two, folder_npz))
-    assert a["n"] == b["n"] == c["n"] == n and a["features"].shape == (n, M.FEATURE_DIM)
+    a, b, c = (metrics.load_reference_npz(p) for p in (one, two, folder_npz))
+    assert a["n"] == b["n"] == c["n"] == n and a["features"].shape == (n, metrics.FEATURE_DIM)
     for other in (b, c):
         assert rel_err(other["mu"], a["mu"]) < 1e-6
         assert rel_err(other["sigma"], a["sigma"]) < 1e-6

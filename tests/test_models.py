@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 import models
 from meanflow import MeanFlowConfig, MeanFlowLoss
 from meanflow.config import ModelConfig
-from models import layers as L
+from models import layers
 from models.sit import SIT_PATCHES, SIT_SIZES, SiT
 from models.unet import UNet
 
@@ -270,10 +270,10 @@ def test_meanflow_loss_trains_every_parameter(kind):
 def test_fused_and_explicit_attention_agree(monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(L.F, "scaled_dot_product_attention",
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
                         lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     torch.manual_seed(0)
-    attn = L.use_fast_jvp_ops(L.Attention(64, num_heads=4, qkv_bias=True)).eval()
+    attn = layers.use_fast_jvp_ops(layers.Attention(64, num_heads=4, qkv_bias=True)).eval()
     attn.fused_attn = True
     x = torch.randn(2, 50, 64)
     fused = attn(x)

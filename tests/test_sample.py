@@ -235,12 +235,11 @@ def test_save_pretrained_is_self_contained_and_reloads(models, tmp_path):
 
 
 def test_an_installed_copy_has_no_top_level_models_and_works(models, tmp_path):
-    """pyproject.toml installs models/ and preprocess/ as meanflow.models and
-    meanflow.preprocess; the library must work from that layout, away from the clone, and
-    leave `models` free for the user's own module."""
+    """pyproject.toml installs models/ as meanflow.models (preprocess/, which the library
+    never imports, is not installed); the library must work from that layout, away from the
+    clone, and leave `models` free for the user's own module."""
     pp = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert pp["package-dir"] == {"meanflow": "meanflow", "meanflow.models": "models",
-                                 "meanflow.preprocess": "preprocess"}
+    assert pp["package-dir"] == {"meanflow": "meanflow", "meanflow.models": "models"}
     site = tmp_path / "site"
     for pkg, src in pp["package-dir"].items():
         shutil.copytree(ROOT / src, site / pkg.replace(".", "/"),

@@ -239,10 +239,3 @@ def decode_meta(buf: Optional[bytes], where: str = "dataset") -> dict[str, Any]:
                           f"{len(meta['labels'])} labels")
     return meta
 
-
-def latent_scale(meta: dict[str, Any]) -> tuple[float, float]:
-    """(scaling_factor, shift_factor): model input = (z - shift) * scale, z ~ posterior.
-    Pixel datasets: (1, 0)."""
-    if meta.get("codec") == "pixel":
-        return 1.0, 0.0
-    return float(meta["scaling_factor"]), float(meta.get("shift_factor") or 0.0)

@@ -1,0 +1,87 @@
+"""Helpers for programs that run as one process or as several (torchrun, accelerate launch):
+the process group through Accelerate's PartialState, collectives on Python objects, and
+progress bars shown by rank 0 only.
+
+Every function here works unchanged in a single process, where the collectives are no-ops.
+torch is imported by the functions that need it, so a CPU-only program (preprocess/cache.py
+with the pixel codec) does not load it for a progress bar.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class LaunchError(ValueError):
+    """The launcher's environment (RANK, WORLD_SIZE) is malformed."""
+
+
+def launcher_rank_world() -> tuple[int, int]:
+    """(rank, world size) from the RANK / WORLD_SIZE variables torchrun and accelerate set;
+    (0, 1) when there are none."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise LaunchError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE="
+                          f"{os.environ.get('WORLD_SIZE')!r} must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def init_state(device):
+    """The process group (NCCL on CUDA, gloo on the CPU) and this process's rank, as an
+    ``accelerate.PartialState``. ``device`` comes from ``runtime.process_device`` before
+    anything is loaded; on CUDA it becomes the current device first, so nothing lands on
+    cuda:0 by default."""
+    import torch
+    from accelerate import PartialState
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return PartialState(cpu=device.type != "cuda")
+
+
+def finish(state) -> None:
+    """Wait for every process, then take the process group down (nothing to do alone)."""
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        state.destroy_process_group()
+
+
+def gather(obj: list, state) -> list:
+    """A list from every process, concatenated in rank order (every rank gets it)."""
+    if state is None or state.num_processes == 1:
+        return list(obj)
+    from accelerate.utils import gather_object
+    return gather_object(obj)
+
+
+def all_ok(state_or_accelerator, ok: bool) -> bool:
+    """True when ``ok`` holds on every process (a collective: call it on every rank).
+    Takes an ``accelerate.Accelerator`` or a ``PartialState``: the flag lives on its device
+    (a CUDA tensor for NCCL) and is summed over the processes as ``Accelerator.reduce`` does."""
+    import torch
+    from accelerate.utils import reduce
+    flag = torch.tensor(float(not ok), device=state_or_accelerator.device)
+    return reduce(flag, reduction="sum").item() == 0
+
+
+def progress(total: int, desc: str, main: bool = True, unit: str = "img",
+             mininterval: Optional[float] = 2.0):
+    """A tqdm progress bar, shown by the main process only (``main`` False: disabled, so the
+    other ranks print nothing)."""
+    from tqdm import tqdm
+    kw = {} if mininterval is None else dict(mininterval=mininterval)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not main, dynamic_ncols=True, **kw)
+
+
+def init_gloo(rank: int, world: int):
+    """A gloo process group for CPU collectives when launched by torchrun / accelerate, as
+    ``torch.distributed``; None for one process, or for plain RANK / WORLD_SIZE processes
+    (no MASTER_ADDR), which then work without one."""
+    if world == 1 or not os.environ.get("MASTER_ADDR"):
+        return None
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return dist
