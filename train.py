@@ -35,13 +35,15 @@ import torch  # noqa: E402
 from meanflow.config import Config, ConfigError, config_help, load_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
-from meanflow.training import (COMPLETE, EMA, EXPORT_DIR, Meter, SeededItems,  # noqa: E402
-                               ShardedEpochSampler, ckpt_name, export_config, export_model,
-                               list_checkpoints, load_ema, lr_at, mix_seed, prune_checkpoints,
+from meanflow.distributed import all_ok  # noqa: E402
+from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
+                               SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
+                               export_config, export_model, is_complete, list_checkpoints,
+                               load_ema, lr_at, mark_complete, mix_seed, prune_checkpoints,
                                save_ema)
-from meanflow.rundir import (CheckpointError, RunLock, RunLockedError,  # noqa: E402
-                             checkpoint_step, occupied, pick_checkpoint, save_failure_message,
-                             set_aside, sync_export, verify_checkpoint, write_run_config)
+from meanflow.rundir import (RunLock, RunLockedError, occupied, pick_checkpoint,  # noqa: E402
+                             save_failure_message, set_aside, sync_export, verify_checkpoint,
+                             write_run_config)
 
 SAVE_FAILED = 4                          # exit code: a checkpoint could not be written
 
@@ -277,12 +279,6 @@ def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro
     return ok, nonfinite, gnorm, stats
 
 
-def all_ok(accelerator, ok: bool) -> bool:
-    """True when ``ok`` holds on every process (a collective: call it on every rank)."""
-    flag = torch.tensor(float(not ok), device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == 0
-
-
 # --------------------------------------------------------------------------------------------
 # Test aids, read once: the suite injects faults at known points through the environment
 # --------------------------------------------------------------------------------------------
@@ -465,7 +461,7 @@ def save_checkpoint(sess: Session, step: int) -> None:
             # as it takes an export (its weights: the first EMA)
             save_ema(tmp, sess.ema)
             export_config(tmp, cfg, sess.meta, step, cfg.train.ema_decays[0])
-            (tmp / COMPLETE).write_text(f"{step} {sess.trained():.3f}\n")
+            mark_complete(tmp, step, sess.trained())
             # the export before the rename: a kill in between leaves the export ahead of the
             # checkpoints, and a restart re-creates it from the one it resumes
             export_model(sess.run_dir / EXPORT_DIR, ema_weights(sess), cfg, sess.meta, step,
@@ -641,7 +637,7 @@ def resume(sess: Session, how: str) -> int:
             path, skipped = pick_checkpoint(sess.ckpt_dir, sess.print)
         else:
             path, skipped = Path(how), []
-            if not (path / COMPLETE).is_file():
+            if not is_complete(path):
                 raise CheckpointError(f"{path} is not a complete checkpoint")
             verify_checkpoint(path)
         if path is not None:

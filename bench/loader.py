@@ -39,7 +39,6 @@ import torch  # noqa: E402
 
 from meanflow.data import LMDBDataset  # noqa: E402
 from meanflow import records  # noqa: E402
-from preprocess.cache import commit_batch, open_writer, write_txn  # noqa: E402
 from preprocess.sources import DEBIAN_FASHION_DIR  # noqa: E402
 
 LATENT = (4, 32, 32)
@@ -65,21 +64,21 @@ def synthetic_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
 def write_lmdb(path: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     keys = [f"train/cat/{i:06d}" for i in range(n)]
-    env = open_writer(path, 1 << 30)
+    env = records.open_writer(path, 1 << 30)
     for lo in range(0, n, WRITE_BATCH):
         good = []
         for k in keys[lo: lo + WRITE_BATCH]:
             mean, std, edge = synthetic_sample(rng)
             good.append((k, lambda m=mean, s=std, e=edge:
                          records.encode_record(0, mean=m, std=s, edge=e)))
-        commit_batch(env, good, [])
+        records.commit_batch(env, good, [])
     meta = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "split": "train",
             "codec": "sd-vae", "image_size": 256, "channels": 3, "x_shape": list(LATENT),
             "latent_shape": list(LATENT), "scaling_factor": SD_SCALE, "shift_factor": 0.0,
             "images_stored": False, "edges": "canny", "edge_size": 256, "edge_channels": 1,
             "edge_levels": 2, "class_names": ["cat"], "keys": keys, "labels": [0] * n,
             "num_records": n, "complete": True}
-    write_txn(env, lambda txn: txn.put(records.META_KEY.encode(), records.encode_meta(meta)))
+    records.write_txn(env, lambda txn: txn.put(records.META_KEY.encode(), records.encode_meta(meta)))
     env.close()
 
 
@@ -237,7 +236,7 @@ def main() -> None:
                   "--edges", "canny"])]
         if (DEBIAN_FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
             n_fm = 2000 if args.quick else 20000
-            rows.append((f"Fashion-MNIST -> 32, canny", n_fm,
+            rows.append(("Fashion-MNIST -> 32, canny", n_fm,
                          ["--source", "fashion-mnist", "--splits", "train", "--limit",
                           str(n_fm), "--image-size", "32", "--codec", "pixel", "--edges",
                           "canny"]))

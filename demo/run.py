@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from meanflow import metrics  # noqa: E402
 from meanflow.config import load_config  # noqa: E402
-from meanflow.rundir import checkpoint_step  # noqa: E402
-from meanflow.training import list_checkpoints  # noqa: E402
+from meanflow.training import checkpoint_step, list_checkpoints  # noqa: E402
 
 # name -> (config, overrides): MeanFlow and flow matching differ in one key
 RUNS = {

@@ -30,8 +30,11 @@ Metadata record (JSON object under ``__meta__``)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import lmdb
 
 import numpy as np
 from safetensors.numpy import save as st_save
@@ -239,3 +242,54 @@ def decode_meta(buf: Optional[bytes], where: str = "dataset") -> dict[str, Any]:
                           f"{len(meta['labels'])} labels")
     return meta
 
+
+# --------------------------------------------------------------------------------------------
+# Writing: what preprocess/cache.py and the benchmarks use to fill a cache
+# --------------------------------------------------------------------------------------------
+def open_writer(path: Path, map_size: int) -> lmdb.Environment:
+    # metasync=False: a system crash may undo the last transaction but never corrupts the
+    # database; a killed process loses nothing that was committed.
+    return lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False,
+                     metasync=False, meminit=False, max_readers=256)
+
+
+def _grow(env: lmdb.Environment) -> None:
+    env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def write_txn(env: lmdb.Environment, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+    """Run ``fn`` in one write transaction; on a full map, double it and run again (the
+    aborted transaction left nothing behind)."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                return fn(txn)
+        except lmdb.MapFullError:
+            _grow(env)
+        except lmdb.MapResizedError:        # another process grew the map: adopt its size
+            env.set_mapsize(0)
+
+
+def commit_batch(env: lmdb.Environment, good: list[tuple[str, Callable[[], bytes]]],
+                 bad: list[tuple[str, dict]]) -> tuple[int, int]:
+    """Write one batch in one transaction: samples (skipping keys another process wrote in the
+    meantime) and failure notes. Returns (written, already present)."""
+    def fn(txn):
+        written = present = 0
+        for key, build in good:
+            kb = key.encode()
+            if txn.get(kb) is not None:
+                present += 1
+                continue
+            value = build()
+            # Appending fills leaf pages (a plain put into sorted keys leaves each page with
+            # one ~1.5 kB record, measured: 2x the file size); a key that sorts before the
+            # last one (another rank's shard, a rerun) cannot append and goes in normally.
+            if not txn.put(kb, value, append=True):
+                txn.put(kb, value)
+            txn.delete((FAILED_PREFIX + key).encode())     # it failed in an earlier run
+            written += 1
+        for key, info in bad:
+            txn.put((FAILED_PREFIX + key).encode(), json.dumps(info).encode())
+        return written, present
+    return write_txn(env, fn)

@@ -224,6 +224,11 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file()
 
 
+def mark_complete(path: Path, step: int, seconds: float) -> None:
+    """Write the COMPLETE marker, the last file of a checkpoint: "<step> <seconds>"."""
+    (Path(path) / COMPLETE).write_text(f"{step} {seconds:.3f}\n")
+
+
 def checkpoint_step(path: Path) -> tuple[int, float]:
     """(step, training seconds so far) from a checkpoint's COMPLETE marker, the one reader of
     the marker's contents ("<step> <seconds>"; older markers hold the step alone)."""

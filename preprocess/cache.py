@@ -45,8 +45,9 @@ from meanflow.edges import (ANNOTATORS_ID, CANNY_HIGH, CANNY_LOW, DEFAULTS,  # n
                             EdgeConfigError, EdgeDetector, build_detector, looks_like_path)
 from meanflow.images import prepare_image  # noqa: E402
 from meanflow.records import (CODECS, DETECTORS, FAILED_PREFIX, FORMAT,  # noqa: E402
-                              FORMAT_VERSION, META_KEY, RESERVED_PREFIX, decode_meta,
-                              encode_meta, encode_record, key_category, key_part)
+                              FORMAT_VERSION, META_KEY, RESERVED_PREFIX, commit_batch,
+                              decode_meta, encode_meta, encode_record, key_category, key_part,
+                              open_writer, write_txn)
 from preprocess.sources import Item, Source, SourceError, open_sources  # noqa: E402
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -227,30 +228,6 @@ def _prepare_task(task: tuple[int, Item]) -> Prepared:
 # --------------------------------------------------------------------------------------------
 # LMDB writing
 # --------------------------------------------------------------------------------------------
-def open_writer(path: Path, map_size: int) -> lmdb.Environment:
-    # metasync=False: a system crash may undo the last transaction but never corrupts the
-    # database; a killed process loses nothing that was committed.
-    return lmdb.open(str(path), map_size=map_size, subdir=True, readahead=False,
-                     metasync=False, meminit=False, max_readers=256)
-
-
-def _grow(env: lmdb.Environment) -> None:
-    env.set_mapsize(env.info()["map_size"] * 2)
-
-
-def write_txn(env: lmdb.Environment, fn: Callable[[lmdb.Transaction], Any]) -> Any:
-    """Run ``fn`` in one write transaction; on a full map, double it and run again (the
-    aborted transaction left nothing behind)."""
-    while True:
-        try:
-            with env.begin(write=True) as txn:
-                return fn(txn)
-        except lmdb.MapFullError:
-            _grow(env)
-        except lmdb.MapResizedError:        # another process grew the map: adopt its size
-            env.set_mapsize(0)
-
-
 def finished_split(path: Path, settings: dict[str, Any], src: Source,
                    limit: Optional[int]) -> Optional[dict]:
     """The metadata of ``path`` if it already holds every record of ``src``, made with
@@ -310,31 +287,6 @@ class Counts:
 
     def as_list(self) -> list[int]:
         return [self.written, self.present, self.failed]
-
-
-def commit_batch(env: lmdb.Environment, good: list[tuple[str, Callable[[], bytes]]],
-                 bad: list[tuple[str, dict]]) -> tuple[int, int]:
-    """Write one batch in one transaction: samples (skipping keys another process wrote in the
-    meantime) and failure notes. Returns (written, already present)."""
-    def fn(txn):
-        written = present = 0
-        for key, build in good:
-            kb = key.encode()
-            if txn.get(kb) is not None:
-                present += 1
-                continue
-            value = build()
-            # Appending fills leaf pages (a plain put into sorted keys leaves each page with
-            # one ~1.5 kB record, measured: 2x the file size); a key that sorts before the
-            # last one (another rank's shard, a rerun) cannot append and goes in normally.
-            if not txn.put(kb, value, append=True):
-                txn.put(kb, value)
-            txn.delete((FAILED_PREFIX + key).encode())     # it failed in an earlier run
-            written += 1
-        for key, info in bad:
-            txn.put((FAILED_PREFIX + key).encode(), json.dumps(info).encode())
-        return written, present
-    return write_txn(env, fn)
 
 
 def process_split(env: lmdb.Environment, split_idx: int, src: Source, args, codec,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,13 +40,19 @@ def tiny_fashion(tmp_path: Path) -> Path:
 
 
 def source_tree() -> dict:
-    """Every file of the checkout (ignored ones too) with its size and mtime."""
+    """The checkout's own files (tracked, and untracked but not ignored) and everything under
+    the demo's default output folders (runs/demo, docs/demo), with size and mtime. Other
+    ignored folders (data/, other runs/, .venv) belong to whatever else runs on the machine."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    paths = {ROOT / f for f in listed.splitlines()}
+    for d in ("runs/demo", "docs/demo"):
+        paths |= {p for p in (ROOT / d).rglob("*") if p.is_file()}
     out = {}
-    for d, dirs, files in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if x not in (".git", "__pycache__", ".pytest_cache")]
-        for f in files:
-            st = os.lstat(os.path.join(d, f))
-            out[os.path.relpath(os.path.join(d, f), ROOT)] = (st.st_size, st.st_mtime_ns)
+    for p in paths:
+        if p.exists():
+            st = os.lstat(p)
+            out[str(p.relative_to(ROOT))] = (st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -213,7 +213,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_torn_config_does_not_block(tmp
         res = train(cfg, rd)
         assert res.returncode == 0, res.stderr[-3000:]
         out = res.stdout
-        assert f"warning: skipping checkpoint step_0000006, it cannot be resumed: " in out
+        assert "warning: skipping checkpoint step_0000006, it cannot be resumed: " in out
         assert victim in out and "Traceback" not in res.stderr
         assert "resumed from" in out and "step_0000003 at step 3" in out
         assert "config.yaml cannot be read" in out

@@ -12,7 +12,6 @@ import contextlib
 import math
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
