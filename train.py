@@ -720,9 +720,9 @@ def build_session(args, cfg: Config) -> Optional[Session]:
             raise SetupError(e) from None
     teacher = None
     if cfg.meanflow.teacher:
-        from meanflow.training import load_export
+        from meanflow.training import load_model
         try:
-            teacher, _ = load_export(cfg.meanflow.teacher, device)
+            teacher, _ = load_model(cfg.meanflow.teacher, device)
         except (FileNotFoundError, ValueError) as e:
             raise SetupError(f"meanflow.teacher: {e}") from None
         teacher.requires_grad_(False)

@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,25 @@ def test_an_ema_built_before_prepare_is_caught(monkeypatch):
     cfg = tiny_cfg(fused_optimizer=False)
     with pytest.raises(RuntimeError, match="meta"):
         _step_on_meta(monkeypatch, cfg, ema_before_prepare=True)
+
+
+def test_the_ema_network_for_grids_and_exports_lives_on_the_device(monkeypatch):
+    """train.py's one EMA network (Session.ema_model) is built on the training device and
+    refreshed there from the live model and EMA 0; one left on the CPU is caught (a copy out
+    of a device tensor into a host parameter)."""
+    import models
+    cfg = tiny_cfg(fused_optimizer=False, grad_accum=1)
+    monkeypatch.setattr(train, "apply_update", lambda opt, ok, fp16: opt.step())
+    acc = MetaAccelerator()
+    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+
+    def session(ema_model):
+        return train.Session(acc, cfg, Path("."), {}, model, ema, ema_model=ema_model,
+                             clock=lambda: 0.0)
+    net = train.ema_weights(session(models.build(cfg.model).to(acc.device).eval()))
+    assert {p.device.type for p in net.parameters()} == {"meta"}
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        train.ema_weights(session(models.build(cfg.model).eval()))
 
 
 def test_fp16_scaler_sees_the_step_after_a_nonfinite_one():
