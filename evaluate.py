@@ -320,8 +320,8 @@ def main(argv=None) -> int:
     from meanflow.codec import make_decoder
     meta = ds.meta if ds is not None else info.get("dataset_meta", {})
     # built once, shared by every model of a curve (a VAE decoder, a PiDiNet/HED detector)
-    ctx = dict(ds=ds, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list, grids=grids,
-               ref_stats=ref_stats if rank == 0 else None, weights=weights,
+    ctx = dict(ds=ds, meta=meta, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list,
+               grids=grids, ref_stats=ref_stats if rank == 0 else None, weights=weights,
                want_fid=args.fid, want_is=want_is,
                cond=conditions(ds, dcfg, mcfg, args.balanced_labels),
                names=sample_names(ds, meta, args.balanced_labels, mcfg),
@@ -336,36 +336,47 @@ def main(argv=None) -> int:
         results = evaluate_model(model, info, out, args, ctx)
         if rank == 0:
             write_reports(out, str(ckpts[0]), results, info, report)
-    else:
-        rows = []
-        for i, (ckpt, name) in enumerate(zip(ckpts, names)):
-            if i > 0:
-                try:
-                    model, info = load_model(ckpt, device)
-                    check_same_task(info, dcfg, meta, ckpt)
-                except (EvalError, FileNotFoundError, ValueError) as e:
-                    print(f"error: {e}", file=sys.stderr)
-                    return 2
-            sub = out / name
-            need = ["fid"] * args.fid + ["edge_f1"] * edge_f1
-            done = reusable(sub / "results.json", ckpt, info, args, data, n, steps_list, need,
-                            weights)
-            if done is not None:
-                state.print(f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
-                results = done
-            else:
-                state.print(f"{ckpt} (step {info.get('step')}): {i + 1} of {len(ckpts)}")
-                if rank == 0:
-                    sub.mkdir(parents=True, exist_ok=True)
-                results = evaluate_model(model, info, sub, args, ctx)
-                if rank == 0:
-                    write_reports(sub, str(ckpt), results, info, report)
-            rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
-            del model
-        if rank == 0:
-            write_curve(out, rows, args, n, report)
-            print(f"learning curve of {len(rows)} models: {out / 'curve.md'}", flush=True)
+    elif evaluate_curve(list(zip(ckpts, names)), model, info, out, args, ctx, report,
+                        edge_f1) != 0:
+        return 2
     finish(state)
+    return 0
+
+
+def evaluate_curve(runs: list[tuple[Path, str]], model, info: dict, out: Path, args,
+                   ctx: dict, report: dict, edge_f1: bool) -> int:
+    """A learning curve: each checkpoint in its own subfolder of ``out`` (reusing the ones
+    already evaluated with the same settings), then curve.md/.json/.png. ``model``/``info``
+    are the first checkpoint's, already loaded; 2 if a later one is not of the same task."""
+    state, device = ctx["state"], ctx["device"]
+    rows = []
+    for i, (ckpt, name) in enumerate(runs):
+        if i > 0:
+            try:
+                model, info = load_model(ckpt, device)
+                check_same_task(info, ctx["dcfg"], ctx["meta"], ckpt)
+            except (EvalError, FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        sub = out / name
+        need = ["fid"] * args.fid + ["edge_f1"] * edge_f1
+        done = reusable(sub / "results.json", ckpt, info, args, report["data"], report["n"],
+                        ctx["steps_list"], need, ctx["weights"])
+        if done is not None:
+            state.print(f"{ckpt} (step {info.get('step')}): reusing {sub / 'results.json'}")
+            results = done
+        else:
+            state.print(f"{ckpt} (step {info.get('step')}): {i + 1} of {len(runs)}")
+            if state.process_index == 0:
+                sub.mkdir(parents=True, exist_ok=True)
+            results = evaluate_model(model, info, sub, args, ctx)
+            if state.process_index == 0:
+                write_reports(sub, str(ckpt), results, info, report)
+        rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
+        del model
+    if state.process_index == 0:
+        write_curve(out, rows, args, report["n"], report)
+        print(f"learning curve of {len(rows)} models: {out / 'curve.md'}", flush=True)
     return 0
 
 

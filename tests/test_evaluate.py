@@ -174,6 +174,18 @@ def test_a_curve_of_models_from_different_runs_needs_out(trained):
     assert res.returncode == 2 and "pass --out" in res.stderr, res.stderr[-2000:]
 
 
+def test_a_curve_stops_at_a_model_of_another_task(trained, tmp_path):
+    """The curve's second model conditions on labels only: an error naming it, exit 2."""
+    data = trained_data(trained).parent
+    other = make_export(tmp_path, data, "data.use_edges=false", "model.edge_channels=0")
+    res = evaluate(trained / "export", str(other), "--num-samples", "2", "--no-png",
+                   "--no-edge-f1", "--out", str(tmp_path / "curve"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert (f"error: {other}: conditions on edges=False, labels=True; the first model on "
+            f"edges=True, labels=True") in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "curve" / "curve.json").exists()
+
+
 def test_spread_picks_evenly_spaced_samples():
     from meanflow.evaluation import spread
     assert spread(list(range(10)), 3) == [0, 3, 6]
