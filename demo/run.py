@@ -8,8 +8,11 @@
 
 Training budget: each model trains for its config's train.max_minutes of wall-clock time
 (configs/fashion_demo.yaml 9.0, configs/fashion_class.yaml 4.0); flow matching is the same
-config with meanflow.ratio_r_neq_t=0, so it gets the same minutes. The steps this buys depend on
-the machine; the reports give them. key=value arguments are train.py overrides for every model.
+config with meanflow.ratio_r_neq_t=0, so it gets the same minutes. The edge MeanFlow model is a
+warm start (WARM_START): flow matching for half of its minutes, then MeanFlow from that export
+for the other half, which beat MeanFlow from scratch at equal minutes on both seeds
+(demo/options.py, docs/results.md). The steps this buys depend on the machine; the reports give
+them. key=value arguments are train.py overrides for every model.
 
 train.py trains (it resumes a killed run; a finished one does nothing), evaluate.py samples,
 scores and draws the grids, preprocess/fid_stats.py writes the floor's statistics; an
@@ -44,6 +47,10 @@ RUNS = {
     "class_fm": ("configs/fashion_class.yaml", ["meanflow.ratio_r_neq_t=0.0"]),
 }
 STEPS = {"mf": [1, 2, 4], "fm": [1, 2, 4, 16]}
+# Warm starts, the winner at equal minutes on both seeds (docs/results.md, "MeanFlow's
+# options"): the model first trains as flow matching for half its budget (this run folder),
+# then as MeanFlow from that export (train.init_from) for the other half.
+WARM_START = {"edge_mf": "edge_mf_fm_half"}
 # runs/demo file -> the evaluation grid it is copied from (model, evaluation kind)
 GRIDS = {"grid.png": ("edge_mf", "test"), "class_grid.png": ("class_mf", "classes"),
          "ablation_edge_grid.png": ("edge_fm", "test"),
@@ -80,8 +87,18 @@ def sh(cmd: list[str]) -> None:
 def train(name: str, args) -> None:
     config, own = RUNS[name]
     data = Path(args.data)
-    sh([sys.executable, "train.py", "--config", config, "--run-dir", str(Path(args.runs) / name),
-        f"data.path={data / 'train'}", f"data.val_path={data / 'test'}", *args.overrides, *own])
+    over = [f"data.path={data / 'train'}", f"data.val_path={data / 'test'}", *args.overrides,
+            *own]
+
+    def run(run_dir: Path, *extra: str) -> None:
+        sh([sys.executable, "train.py", "--config", config, "--run-dir", str(run_dir), *over,
+            *extra])
+    if name in WARM_START:                  # the budget in two halves: flow matching, MeanFlow
+        half = f"train.max_minutes={load_config(ROOT / config, over).train.max_minutes / 2:g}"
+        first = Path(args.runs) / WARM_START[name]
+        run(first, "meanflow.ratio_r_neq_t=0.0", half)
+        over += [half, f"train.init_from={first / 'export'}"]
+    run(Path(args.runs) / name)
 
 
 def export_info(run_dir: Path) -> dict:
@@ -131,13 +148,20 @@ def floor(args) -> dict:
 
 
 def trained(name: str, args) -> dict:
-    """Steps (the export's), training minutes (the last checkpoint's) and the budget."""
-    run_dir = Path(args.runs) / name
-    _, minutes = checkpoint_step(list_checkpoints(run_dir / "checkpoints")[-1][1])
-    cfg = load_config(run_dir / "config.yaml")
+    """Steps (the export's), training minutes (the last checkpoint's) and the budget; a warm
+    start's are the sums over its flow-matching half and its MeanFlow half ("FM + MF" steps)."""
+    parts = [WARM_START[name], name] if name in WARM_START else [name]
+    steps, minutes, budget = [], 0.0, 0.0
+    for part in parts:
+        run_dir = Path(args.runs) / part
+        minutes += checkpoint_step(list_checkpoints(run_dir / "checkpoints")[-1][1])[1] / 60
+        cfg = load_config(run_dir / "config.yaml")
+        steps.append(export_info(run_dir)["step"])
+        budget += cfg.train.max_minutes
     return dict(config=RUNS[name][0], ratio_r_neq_t=cfg.meanflow.ratio_r_neq_t,
-                steps=export_info(run_dir)["step"], minutes=round(minutes / 60, 2),
-                max_minutes=cfg.train.max_minutes)
+                steps=" + ".join(map(str, steps)) if len(steps) > 1 else steps[0],
+                minutes=round(minutes, 2), max_minutes=budget,
+                warm_start=name in WARM_START)
 
 
 def hardware() -> str:
@@ -152,8 +176,13 @@ def hardware() -> str:
 def runs_table(info: dict) -> list[str]:
     out = [hardware(), "", "| model | config | r != t share | training steps | minutes | "
            "train.max_minutes |", "|---|---|---|---|---|---|"]
-    return out + [f"| {k} | {v['config']} | {v['ratio_r_neq_t']:g} | {v['steps']} | "
-                  f"{v['minutes']:.1f} | {v['max_minutes']:g} |" for k, v in info.items()]
+    out += [f"| {k}{' (warm start)' * v['warm_start']} | {v['config']} | "
+            f"{v['ratio_r_neq_t']:g} | {v['steps']} | {v['minutes']:.1f} | "
+            f"{v['max_minutes']:g} |" for k, v in info.items()]
+    if any(v["warm_start"] for v in info.values()):
+        out += ["", "Warm start: flow matching for half of the budget, then MeanFlow from its "
+                "export for the other half; steps are flow matching's + MeanFlow's."]
+    return out
 
 
 def scores_table(rows: list[tuple[str, dict]]) -> list[str]:

@@ -94,14 +94,24 @@ def test_ablation_then_demo_then_pictures(tmp_path):
     # each model: trained for the budget; its row holds its export's step and its config
     demo_run = demo_module()
     by_model = {row[0]: row for row in md_tables[0]}
+    assert demo_run.WARM_START == {"edge_mf": "edge_mf_fm_half"}
     for name in demo_run.RUNS:
         step = json.loads((runs / name / "export" / "model_config.json").read_text())["step"]
         info = summary["runs"][name]
-        assert info["steps"] == step == TRAIN_STEPS, name
-        assert by_model[name][3] == str(step) and by_model[name][4] == f"{info['minutes']:.1f}"
+        assert step == TRAIN_STEPS, name
+        label = name + (" (warm start)" if name in demo_run.WARM_START else "")
+        assert by_model[label][3] == str(info["steps"]), name
+        assert by_model[label][4] == f"{info['minutes']:.1f}", name
         cfg = (runs / name / "config.yaml").read_text()
         assert f"ratio_r_neq_t: {info['ratio_r_neq_t']}" in cfg, name
     assert [summary["runs"][k]["ratio_r_neq_t"] for k in demo_run.RUNS] == [0.1, 0.25, 0.0, 0.0]
+    # the warm start: flow matching in its own folder, then MeanFlow from that export, each
+    # for half the budget; the table counts both halves' steps
+    half = runs / "edge_mf_fm_half"
+    assert "ratio_r_neq_t: 0.0" in (half / "config.yaml").read_text()
+    assert f"init_from: {half / 'export'}" in (runs / "edge_mf" / "config.yaml").read_text()
+    assert summary["runs"]["edge_mf"]["steps"] == f"{TRAIN_STEPS} + {TRAIN_STEPS}"
+    assert [summary["runs"][k]["steps"] for k in list(demo_run.RUNS)[1:]] == [TRAIN_STEPS] * 3
 
     # the floor: FID of the two fid_stats.py files, recomputed here
     from meanflow import metrics
@@ -140,10 +150,11 @@ def test_ablation_then_demo_then_pictures(tmp_path):
 
     demo = run([PY, "demo/run.py", "demo", *common], timeout=600, **cache)
     assert demo.returncode == 0, (demo.stdout + demo.stderr)[-4000:]
-    assert demo.stdout.count("nothing to do: the run is complete") == 2   # both MF models
+    # both MeanFlow models and the warm start's flow-matching half
+    assert demo.stdout.count("nothing to do: the run is complete") == 3
     assert demo.stdout.count("reusing") == 2 and "evaluate.py" not in demo.stdout
     runs_rows, edge_rows = tables((runs / "results.md").read_text())
-    assert [r[0] for r in runs_rows] == ["edge_mf", "class_mf"]
+    assert [r[0] for r in runs_rows] == ["edge_mf (warm start)", "class_mf"]
     assert edge_rows == [["MeanFlow", str(r["steps"]), *score_cells(r)]
                          for r in summary["results"]["edge_mf"]]
     assert source_tree() == before, "demo/run.py wrote into the source tree"
@@ -172,3 +183,23 @@ def test_pictures_copies_what_the_runs_hold_and_nothing_else(tmp_path):
     (runs / "edge_mf" / "grid.png").write_bytes(b"not copied")
     assert demo_run.main(["pictures", "--runs", str(runs), "--to", str(docs)]) == 0
     assert {p.name: p.read_bytes() for p in docs.iterdir()} == written
+
+
+def test_the_warm_start_splits_the_configs_minutes_in_two_halves(tmp_path, monkeypatch):
+    """edge_mf: flow matching for half of fashion_demo.yaml's 9 minutes in its own folder, then
+    MeanFlow from that export for the other half; other models train once, unchanged."""
+    demo_run = demo_module()
+    calls = []
+    monkeypatch.setattr(demo_run, "sh", calls.append)
+    args = demo_run.parse_args(["demo", "--runs", str(tmp_path), "train.seed=3"])
+    demo_run.train("edge_mf", args)
+    demo_run.train("class_mf", args)
+    assert len(calls) == 3
+    half, warm, cls = calls
+    assert half[half.index("--run-dir") + 1] == str(tmp_path / "edge_mf_fm_half")
+    assert half[-2:] == ["meanflow.ratio_r_neq_t=0.0", "train.max_minutes=4.5"]
+    assert warm[warm.index("--run-dir") + 1] == str(tmp_path / "edge_mf")
+    assert warm[-2:] == ["train.max_minutes=4.5",
+                         f"train.init_from={tmp_path / 'edge_mf_fm_half' / 'export'}"]
+    assert all("train.seed=3" in c for c in (half, warm, cls))
+    assert not any("max_minutes" in a or "init_from" in a for a in cls)
