@@ -191,9 +191,10 @@ class TrainConfig:
                                   "elsewhere. An explicit value that contradicts the launcher's "
                                   "is an error; fp16 needs a CUDA GPU")
     tf32: bool = _f(True, doc="CUDA: TF32 tensor cores for fp32 matmuls and convolutions")
-    channels_last: bool = _f(True, doc="CUDA: run the U-Net in channels_last memory format "
-                                       "(faster convolutions under autocast); no effect on "
-                                       "SiT or on the CPU")
+    channels_last: bool = _f(False, doc="CUDA: run the U-Net in channels_last memory format; "
+                                        "off until measured faster on a GPU (its GroupNorms "
+                                        "convert to NCHW and back); no effect on SiT or on "
+                                        "the CPU")
     fused_optimizer: bool = _f(True, doc="fused AdamW; it also skips a non-finite update on the "
                                          "device, so the step never waits for the GPU. false: "
                                          "foreach AdamW and one host read per step")

@@ -67,6 +67,14 @@ def _standardised_tangent(x: Tensor, t: Tensor, mean: Tensor, rstd: Tensor) -> T
     return rstd * (t - t.mean(-1, keepdim=True) - xh * (xh * t).mean(-1, keepdim=True))
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor stored that way (and not also plain contiguous)."""
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _norm_inputs(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     """(primal, tangent, compute dtype, weight, bias) with the affine parameters cast."""
     xp, xt = split_dual(x)
@@ -84,15 +92,21 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         return F.group_norm(x.to(dt), num_groups, w, b, eps).to(x.dtype)
     n, c = xp.shape[:2]
     hw = xp[0, 0].numel()
-    # native_group_norm returns the statistics with the output: no second reduction pass
-    y, mean, rstd = torch.native_group_norm(xp.to(dt), w, b, n, c, hw, num_groups, eps)
+    fmt = _memory_format(xp)
+    # native_group_norm returns the statistics with the output: no second reduction pass. Its
+    # CUDA kernel takes only contiguous (NCHW) input, its CPU kernel also channels_last; the
+    # public F.group_norm converts for it, a direct call must do so itself.
+    xk = xp.to(dt) if xp.device.type == "cpu" else xp.to(dt).contiguous()
+    y, mean, rstd = torch.native_group_norm(xk, w, b, n, c, hw, num_groups, eps)
     g = (n, num_groups, -1)
-    ty = _standardised_tangent(xp.to(dt).reshape(g), xt.to(dt).reshape(g),
+    ty = _standardised_tangent(xk.reshape(g), xt.to(dt).reshape(g),
                                mean.reshape(n, num_groups, 1), rstd.reshape(n, num_groups, 1))
     ty = ty.reshape(xp.shape)
     if w is not None:
         ty = ty * w.reshape(1, c, *([1] * (xp.dim() - 2)))
-    return fwAD.make_dual(y.to(xp.dtype), ty.to(xp.dtype))
+    # output and tangent in the input's layout, as F.group_norm gives it
+    return fwAD.make_dual(y.to(xp.dtype).contiguous(memory_format=fmt),
+                          ty.to(xp.dtype).contiguous(memory_format=fmt))
 
 
 def layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Optional[Tensor] = None,

@@ -71,3 +71,44 @@ def test_norms_run_in_float32_under_bf16_autocast():
     p32, t32 = _dual(lambda z: F.group_norm(z, 5), h.float(), tan.float())
     assert torch.equal(p, p32.bfloat16())
     assert torch.allclose(t.float(), t32, rtol=1e-2, atol=1e-2)
+
+
+def _cuda_rule_native_group_norm(monkeypatch):
+    """torch.native_group_norm with its CUDA kernel's layout rule (contiguous NCHW input
+    only) on every non-CPU device: the CPU kernel also takes channels_last, so a CPU run
+    alone cannot see a channels_last input reach it."""
+    real = torch.native_group_norm
+    seen = []
+
+    def strict(x, *a):
+        seen.append(x.device.type)
+        if x.device.type != "cpu" and not x.is_contiguous():
+            raise RuntimeError("Expected X.is_contiguous(memory_format) to be true")
+        return real(x, *a)
+    monkeypatch.setattr(torch, "native_group_norm", strict)
+    return seen
+
+
+def test_group_norm_tangent_gives_a_non_cpu_kernel_contiguous_input(monkeypatch):
+    """The first CUDA run failed here: a channels_last U-Net handed native_group_norm a
+    channels_last input. On the meta device (CUDA's placement, not its kernels) the input
+    that reaches the kernel must be contiguous, and the output keeps the input's layout."""
+    seen = _cuda_rule_native_group_norm(monkeypatch)
+    x = torch.randn(2, 8, 5, 5, device="meta").contiguous(memory_format=torch.channels_last)
+    with fwAD.dual_level():
+        y, ty = fwAD.unpack_dual(jvp_ops.group_norm(fwAD.make_dual(x, torch.randn_like(x)),
+                                                    4, torch.ones(8, device="meta"),
+                                                    torch.zeros(8, device="meta")))
+    assert seen == ["meta"]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert ty.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_channels_last_values_equal_contiguous():
+    """Same primal and tangent for a channels_last and a contiguous input (CPU, float64)."""
+    fast, _ = CASES["group_norm"]
+    cl = X.contiguous(memory_format=torch.channels_last)
+    p1, t1 = _dual(fast, X, T)
+    p2, t2 = _dual(fast, cl, T.contiguous(memory_format=torch.channels_last))
+    assert p2.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(p1, p2, atol=1e-12) and torch.allclose(t1, t2, atol=1e-10)
