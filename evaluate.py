@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
-from meanflow.distributed import finish, gather, init_state, progress  # noqa: E402
+from meanflow.distributed import finish, gather, init_state, progress, shutdown  # noqa: E402
 from meanflow.evaluation import (EvalError, conditions, parse_steps, real_statistics,  # noqa: E402
                                  reference_tag, sample_batch, spread, steps_grid)
 from meanflow.images import as_rgb, safe_name, save_png, tile_grid, to_uint8  # noqa: E402
@@ -252,7 +252,7 @@ def reusable(res_file: Path, ckpt: Path, info: dict, args, data: str, n: int,
     return [rows[s] for s in steps_list]
 
 
-def main(argv=None) -> int:
+def run_evaluation(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_allocator()
     # The device first, before anything is loaded: cuda:LOCAL_RANK under torchrun (a bare
@@ -614,5 +614,11 @@ def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int
     save_png(path, tile_grid(tiles, pad=2, pad_value=255))
 
 
+
+def main(argv=None) -> int:
+    try:
+        return run_evaluation(argv)
+    finally:
+        shutdown()              # every exit path, errors included: no process group left up
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from meanflow.config import Config, ConfigError, config_help, load_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
-from meanflow.distributed import all_ok  # noqa: E402
+from meanflow.distributed import TrainProgress, all_ok, shutdown  # noqa: E402
 from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
                                SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
                                export_config, export_model, is_complete, list_checkpoints,
@@ -544,6 +544,8 @@ def main(argv=None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()                 # every exit path: no process group is left up
 
 
 class SetupError(Exception):
@@ -552,8 +554,10 @@ class SetupError(Exception):
 
 def make_accelerator(cfg: Config, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
+    from meanflow.distributed import shared_gpu_backend
     from meanflow.runtime import process_device
     tc = cfg.train
     try:
@@ -564,13 +568,17 @@ def make_accelerator(cfg: Config, run_dir: Path):
     except ConfigError as e:
         raise SetupError(e) from None
     # cpu=True when there is no GPU: Accelerate only sets up a multi-process (gloo) run on
-    # CPU when told so; on GPUs it picks NCCL by itself.
+    # CPU when told so; on GPUs it picks NCCL by itself, except where ranks share a GPU
+    # (more processes on a node than GPUs), which NCCL refuses: gloo then.
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if shared_gpu_backend() is not None:
+        handlers.append(InitProcessGroupKwargs(backend=shared_gpu_backend()))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
                        gradient_accumulation_steps=tc.grad_accum,
                        log_with=None if tc.log_with == "none" else tc.log_with,
                        project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                            logging_dir=str(run_dir)),
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                       kwargs_handlers=handlers)
 
 
 def load_data(cfg: Config, dry_run: bool):
@@ -776,8 +784,7 @@ def run_training(args, cfg: Config) -> int:
     stop, hooks, health, meter = StopRequest(), FaultHooks(), Health(device), Meter()
     fp16, use_cl = tc.mixed_precision == "fp16", uses_channels_last(cfg, device)
     if accelerator.is_main_process:
-        from tqdm import tqdm
-        sess.progress = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        sess.progress = TrainProgress(step, tc.max_steps, budget_s, sess.trained)
     sess.t_start, t_last, seen, exit_code = sess.clock(), time.time(), 0, 0
     sess.print(f"{sess.n_params / 1e6:.2f}M parameters; {len(data)} records; {world} process(es) "
                f"x {per_rank} x {tc.grad_accum} accumulation; device {device}, precision "
@@ -799,7 +806,7 @@ def run_training(args, cfg: Config) -> int:
         seen += tc.batch_size * tc.grad_accum
         step += 1            # a skipped step is consumed (data and seeds move on), not applied
         if sess.progress is not None:
-            sess.progress.update(1)
+            sess.progress.update(step)
         log_now = step % tc.log_every == 0 or step == tc.max_steps
         ckpt_now = step % tc.ckpt_every == 0 or step == tc.max_steps
         if log_now or ckpt_now or step % tc.sync_every == 0:

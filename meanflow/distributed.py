@@ -29,23 +29,45 @@ def launcher_rank_world() -> tuple[int, int]:
     return rank, world
 
 
+def shared_gpu_backend(env=os.environ) -> Optional[str]:
+    """"gloo" when this node runs more processes than it has GPUs (several ranks then share a
+    GPU, which NCCL refuses), else None: the launcher's default (NCCL on GPUs)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return "gloo" if local_world > torch.cuda.device_count() else None
+
+
 def init_state(device):
-    """The process group (NCCL on CUDA, gloo on the CPU) and this process's rank, as an
-    ``accelerate.PartialState``. ``device`` comes from ``runtime.process_device`` before
-    anything is loaded; on CUDA it becomes the current device first, so nothing lands on
-    cuda:0 by default."""
+    """The process group (NCCL on CUDA, gloo on the CPU or where ranks share a GPU) and this
+    process's rank, as an ``accelerate.PartialState``. ``device`` comes from
+    ``runtime.process_device`` before anything is loaded; on CUDA it becomes the current
+    device first, so nothing lands on cuda:0 by default."""
     import torch
     from accelerate import PartialState
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        backend = shared_gpu_backend()
+        if backend is not None:
+            return PartialState(backend=backend)
     return PartialState(cpu=device.type != "cuda")
 
 
+def shutdown() -> None:
+    """Take the default process group down if one is up (every exit path of an entry point:
+    NCCL warns at exit about a group left up, and it holds the GPU's communicators)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def finish(state) -> None:
-    """Wait for every process, then take the process group down (nothing to do alone)."""
-    if state.num_processes > 1:
+    """Wait for every process, then take the process group down (a one-process launch under
+    torchrun has a group too)."""
+    if state is not None and state.num_processes > 1:
         state.wait_for_everyone()
-        state.destroy_process_group()
+    shutdown()
 
 
 def gather(obj: list, state) -> list:
@@ -73,6 +95,40 @@ def progress(total: int, desc: str, main: bool = True, unit: str = "img",
     from tqdm import tqdm
     kw = {} if mininterval is None else dict(mininterval=mininterval)
     return tqdm(total=total, desc=desc, unit=unit, disable=not main, dynamic_ncols=True, **kw)
+
+
+class TrainProgress:
+    """The training bar: steps against train.max_steps, or, when a time budget
+    (train.max_minutes) ends the run, minutes trained against the budget with the steps done
+    beside them (a step total that is never reached would show a meaningless ETA).
+
+    ``trained()`` gives the run's training seconds so far, resumes included."""
+
+    def __init__(self, step: int, max_steps: int, budget_s: float, trained, bar=None):
+        from tqdm import tqdm
+        self.budget = budget_s != float("inf")
+        self.trained = trained
+        if bar is not None:
+            self.bar = bar
+        elif self.budget:
+            self.bar = tqdm(total=round(budget_s / 60, 2), initial=0, desc="train",
+                            unit="min", dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} "
+                                       "min [{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(total=max_steps, initial=step, desc="train", dynamic_ncols=True)
+        self.update(step)
+
+    def update(self, step: int) -> None:
+        if not self.budget:
+            self.bar.update(step - self.bar.n)
+            return
+        minutes = min(self.trained() / 60, self.bar.total)
+        self.bar.update(round(minutes - self.bar.n, 4))
+        self.bar.set_postfix_str(f"step {step}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def init_gloo(rank: int, world: int):

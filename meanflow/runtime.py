@@ -61,10 +61,13 @@ def process_device(requested=None):
     ``requested`` (a ``--device`` flag, e.g. "cpu" or "cuda:1") wins when given. Otherwise
     ``cuda:LOCAL_RANK`` when CUDA is available, so that under torchrun / accelerate launch each
     rank computes on its own GPU (a bare "cuda" means cuda:0 for every rank), else the CPU.
+    With more ranks on a node than GPUs, rank k takes GPU k mod the GPU count.
     A bare "cuda" request is pinned to LOCAL_RANK the same way.
     """
     import torch
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        local %= torch.cuda.device_count()     # more ranks than GPUs: they share (under gloo)
     if requested is not None:
         dev = torch.device(requested)
         if dev.type == "cuda" and dev.index is None:

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow import metrics  # noqa: E402
-from meanflow.distributed import finish, init_state, progress  # noqa: E402
+from meanflow.distributed import finish, init_state, progress, shutdown  # noqa: E402
 from meanflow.evaluation import spread  # noqa: E402
 from meanflow.runtime import process_device  # noqa: E402
 
@@ -153,7 +153,7 @@ def compute(args, state, device: torch.device) -> tuple[Optional[dict], dict]:
     return st, key
 
 
-def main(argv=None) -> int:
+def run_stats(argv=None) -> int:
     args = parse_args(argv)
     if not args.output.endswith(".npz"):
         print(f"error: --output {args.output!r} must end in .npz", file=sys.stderr)
@@ -177,5 +177,11 @@ def main(argv=None) -> int:
     return 0
 
 
+
+def main(argv=None) -> int:
+    try:
+        return run_stats(argv)
+    finally:
+        shutdown()              # every exit path, errors included: no process group left up
 if __name__ == "__main__":
     sys.exit(main())

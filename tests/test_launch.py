@@ -1,0 +1,121 @@
+"""Launch and exit: process groups taken down on every exit path, ranks sharing one GPU
+under gloo, and a training bar that shows the budget that actually ends the run."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from meanflow import distributed
+from meanflow.distributed import TrainProgress, finish, shared_gpu_backend, shutdown
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank_launch(monkeypatch):
+    """The environment torchrun --nproc_per_node 1 gives its one process."""
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(k, v)
+    yield
+    from accelerate.state import PartialState
+    shutdown()
+    PartialState._reset_state()
+
+
+def test_finish_takes_down_a_one_process_group(one_rank_launch):
+    """torchrun with one process still has a process group; finish() left it up (NCCL then
+    warns at exit that destroy_process_group() was not called)."""
+    state = distributed.init_state(torch.device("cpu"))
+    assert dist.is_initialized() and state.num_processes == 1
+    finish(state)
+    assert not dist.is_initialized()
+
+
+def test_evaluate_takes_down_its_group_on_an_error_exit(one_rank_launch, tmp_path):
+    import evaluate
+    (tmp_path / "not_a_model").mkdir()
+    assert evaluate.main(["--ckpt", str(tmp_path / "not_a_model")]) == 2
+    assert not dist.is_initialized()
+
+
+def test_train_takes_down_its_group_on_a_setup_error(one_rank_launch, tmp_path):
+    """A SetupError after the Accelerator exists (the data path is missing) still ends with no
+    process group up."""
+    import train
+    rc = train.main(["--config", str(train.ROOT / "configs/fashion_demo.yaml"), "--run-dir",
+                     str(tmp_path / "run"), f"data.path={tmp_path / 'none'}",
+                     "train.log_with=none"])
+    assert rc == 2
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("gpus,local_world,want", [(1, "2", "gloo"), (1, "1", None),
+                                                   (8, "8", None), (2, "4", "gloo"),
+                                                   (0, "2", None)])
+def test_ranks_that_share_a_gpu_use_gloo(monkeypatch, gpus, local_world, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert shared_gpu_backend({"LOCAL_WORLD_SIZE": local_world}) == want
+
+
+def test_ranks_that_share_a_gpu_take_it_in_turn(monkeypatch):
+    from meanflow.runtime import process_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        assert process_device() == torch.device("cuda", 0)
+        assert process_device("cuda") == torch.device("cuda", 0)
+
+
+class _Bar:
+    def __init__(self, total, n=0):
+        self.total, self.n, self.postfix = total, n, ""
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix_str(self, s, refresh=True):
+        self.postfix = s
+
+    def close(self):
+        pass
+
+
+def test_a_time_budget_bar_counts_minutes_against_the_budget():
+    """train.max_minutes=3 with train.max_steps=1,000,000: the bar's total is the 3 minutes,
+    its position the minutes trained (resumes included), and the steps stand beside it."""
+    now = [90.0]                                       # 1.5 min trained by an earlier session
+    p = TrainProgress(500, 1_000_000, 180.0, lambda: now[0], bar=_Bar(3.0))
+    assert p.bar.total == 3.0 and p.bar.n == pytest.approx(1.5) and p.bar.postfix == "step 500"
+    now[0] = 150.0
+    p.update(620)
+    assert p.bar.n == pytest.approx(2.5) and p.bar.postfix == "step 620"
+    now[0] = 400.0                                     # past the budget: the bar stops at it
+    p.update(700)
+    assert p.bar.n == pytest.approx(3.0)
+
+
+def test_without_a_budget_the_bar_counts_steps(capsys):
+    p = TrainProgress(10, 40, float("inf"), lambda: 0.0)
+    assert p.bar.total == 40 and p.bar.n == 10
+    p.update(13)
+    assert p.bar.n == 13
+    p.close()
+
+
+def test_the_real_budget_bar_shows_minutes(capsys):
+    p = TrainProgress(0, 1_000_000, 540.0, lambda: 30.0)
+    p.update(7)
+    p.close()
+    err = capsys.readouterr().err
+    assert "0.50/9.00 min" in err and "step 7" in err and "1000000" not in err
