@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # Offline by default: nothing here downloads from a model or dataset hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast demo ablation pictures options run fashion bench gpu-check clean-venv chromium
+.PHONY: setup test test-fast demo ablation pictures options run fashion bench gpu-test gpu-check clean-venv chromium
 
 setup: $(VENV)/.installed
 
@@ -87,10 +87,16 @@ run: demo
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
-# The GPU check (<= 8 min on one GPU, nothing downloaded): bf16 training of both AFHQ configs
-# on every visible GPU, a resume, sharded 1-NFE evaluation with FID; one table + a JSON in
+# The CUDA test tier (tests marked `cuda`: layouts, bf16/fp16, TF32, fused AdamW, compile,
+# resume, evaluate and two ranks on a real GPU). Without a GPU it says how many were not run.
+gpu-test: setup
+	$(PY) -m pytest -q -m cuda tests
+
+# The GPU check (nothing downloaded): the CUDA tier first, then bf16 training of both AFHQ
+# configs on every visible GPU (MeanFlow and flow matching at the shipped and 4x batch; the
+# keys left off by default), a resume, sharded 1-NFE evaluation with FID; tables + a JSON in
 # runs/gpu_check/. Without a GPU it says so and exits 0.
-gpu-check: setup
+gpu-check: gpu-test
 	$(PY) bench/gpu_check.py
 
 clean-venv:
