@@ -11,7 +11,10 @@ visible GPU through the real entry points:
 1. ``accelerate launch train.py`` for ``configs/afhq_unet.yaml`` and ``configs/afhq_sit_b2.yaml``
    in bf16, ``--steps`` optimizer steps each, and the same again as flow matching
    (``meanflow.ratio_r_neq_t=0``) for the MeanFlow / flow-matching step-time ratio at the
-   configs' 25% r != t;
+   configs' 25% r != t; the same pair at 4x the per-GPU batch (2/5 of the steps);
+   then the keys the defaults leave off, as MeanFlow runs of 2/5 of the steps:
+   ``train.compile``, ``train.channels_last`` (U-Net), ``model.grad_checkpointing`` (SiT), and,
+   on a single GPU, two processes sharing it (gloo);
 2. a resume of the U-Net run to ``--steps`` + 20 (it must say where it resumed);
 3. ``torchrun evaluate.py``: 1-NFE samples sharded over the GPUs, FID at N = ``--fid-n``
    (against the cached real test images; the number checks the path, not the model);
@@ -111,14 +114,20 @@ def sh(cmd: list[str], what: str, log: Path, timeout: int) -> str:
     return text
 
 
-def launcher(n_gpus: int, tiny: bool) -> list[str]:
+def launcher(nproc: int, tiny: bool, shared_gpu: bool = False) -> list[str]:
+    """accelerate launch for ``nproc`` processes (one per GPU), or torchrun where processes
+    share a GPU or run on the CPU (``accelerate launch --cpu`` starts one process only);
+    train.py then picks gloo by itself."""
+    if nproc > 1 and (tiny or shared_gpu):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(nproc)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
            "--dynamo_backend", "no", "--mixed_precision", "no" if tiny else "bf16"]
     if tiny:
         return cmd + ["--cpu", "--num_processes", "1"]
-    if n_gpus > 1:
+    if nproc > 1:
         cmd += ["--multi_gpu"]
-    return cmd + ["--num_processes", str(n_gpus)]
+    return cmd + ["--num_processes", str(nproc)]
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -150,6 +159,7 @@ def main(argv=None) -> int:
     n_gpus = 1 if tiny else torch.cuda.device_count()
     size = 64 if tiny else 256
     steps = a.steps
+    short = max(2, steps * 2 // 5)    # the 4x-batch and the key rows: throughput, not training
     fid_n = a.fid_n
     out = a.out.resolve()
     logs = out / "logs"
@@ -170,46 +180,72 @@ def main(argv=None) -> int:
             "--image-size", str(size), "--codec", "sd-vae", "--vae", str(vae),
             "--edges", "canny", "--workers", "2"], "cache", logs / "cache.log", 1200)
 
-    def train(cfg: str, tag: str, *extra: str, resume: bool = False) -> tuple[str, float]:
+    def train(cfg: str, tag: str, *extra: str, resume: bool = False, per_gpu: int = 0,
+              nproc: int = 0) -> tuple[str, float]:
         run_dir = out / "runs" / tag
         over = [f"data.path={data}/train", f"data.val_path={data}/test",
                 f"data.image_size={size}", "data.num_workers=2",
                 f"train.log_every={max(1, steps // 5)}", f"train.ckpt_every={steps}",
                 f"train.image_every={steps}", "train.keep_checkpoints=2"]
+        procs = nproc or n_gpus
         if tiny:
             over += [f"model.edge_size={size}", f"model.input_size={size // 8}",
-                     "train.batch_size=4", "train.grad_accum=1", "train.mixed_precision=no",
-                     *TINY_MODEL[cfg]]
+                     f"train.batch_size={4 * procs}", "train.grad_accum=1",
+                     "train.mixed_precision=no", *TINY_MODEL[cfg]]
         else:
             over += ["train.mixed_precision=bf16", "train.grad_accum=1",
-                     f"train.batch_size={PER_GPU[cfg] * n_gpus}"]
+                     f"train.batch_size={(per_gpu or PER_GPU[cfg]) * n_gpus}"]
+        if not resume and run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
         t0 = time.time()
-        text = sh([*launcher(n_gpus, tiny), "train.py", "--config", f"configs/{cfg}.yaml",
-                   "--run-dir", str(run_dir), *over, *extra,
+        text = sh([*launcher(procs, tiny, shared_gpu=nproc > n_gpus), "train.py",
+                   "--config", f"configs/{cfg}.yaml", "--run-dir", str(run_dir), *over, *extra,
                    *([] if resume else ["--resume", "none"])],
                   f"train {tag}", logs / f"{tag}{'_resume' if resume else ''}.log", 1200)
         return text, time.time() - t0
 
+    def measured(cfg: str, tag: str, *extra: str, **kw) -> dict:
+        _, secs = train(cfg, tag, *extra, **kw)
+        return read_metrics(out / "runs" / tag) | dict(wall_s=secs)
+
     rows, result = [], dict(gpus=n_gpus, device=device, steps=steps, tiny_cpu=tiny)
+    # MeanFlow against flow matching, at the shipped per-GPU batch and at 4x that batch
     for cfg in CONFIGS:
-        row = dict(config=cfg)
-        for tag, ratio in ((cfg, None), (f"{cfg}_fm", "0")):
-            extra = [f"train.max_steps={steps}"]
-            if ratio is not None:
-                extra.append(f"meanflow.ratio_r_neq_t={ratio}")
-            if (out / "runs" / tag).exists():
-                import shutil
-                shutil.rmtree(out / "runs" / tag)
-            _, secs = train(cfg, tag, *extra)
-            m = read_metrics(out / "runs" / tag)
-            key = "fm" if ratio is not None else "mf"
-            row[f"{key}_images_per_s"] = m["images_per_s"]
-            row[f"{key}_peak_mem_gb"] = m["peak_mem_gb"]
-            row[f"{key}_wall_s"] = secs
-            row[f"{key}_last_loss"] = m["last_loss"]
-        row["mf_over_fm_step_time"] = row["fm_images_per_s"] / row["mf_images_per_s"]
-        rows.append(row)
+        for scale in ((1,) if tiny else (1, 4)):    # tiny: the logic, once
+            per_gpu = PER_GPU[cfg] * scale
+            n = steps if scale == 1 else short
+            row = dict(config=cfg, batch_per_gpu=4 if tiny else per_gpu)
+            sfx = "" if scale == 1 else f"_x{scale}"
+            for key, ratio in (("mf", None), ("fm", "0")):
+                extra = [f"train.max_steps={n}"]
+                if ratio is not None:
+                    extra.append(f"meanflow.ratio_r_neq_t={ratio}")
+                m = measured(cfg, f"{cfg}{sfx}" + ("_fm" if ratio else ""), *extra,
+                             per_gpu=per_gpu)
+                for k in ("images_per_s", "peak_mem_gb", "wall_s"):
+                    row[f"{key}_{k}"] = m[k]
+                row[f"{key}_last_loss"] = m["last_loss"]
+            row["mf_over_fm_step_time"] = row["fm_images_per_s"] / row["mf_images_per_s"]
+            rows.append(row)
     result["configs"] = rows
+
+    # ---- the throughput keys that the shipped defaults leave off, as MeanFlow runs -----------
+    variants = []
+    keys = [("afhq_unet", "train.channels_last=true", {}),
+            ("afhq_sit_b2", "model.grad_checkpointing=true", {})]
+    if not tiny:             # compiling takes minutes on a CPU: the logic is the same row
+        keys.insert(0, ("afhq_unet", "train.compile=true", {}))
+    if n_gpus == 1:          # two ranks sharing the one GPU (gloo)
+        keys.append(("afhq_unet", "two processes on one GPU", dict(nproc=2)))
+    for cfg, key, kw in keys:
+        tag = f"{cfg}_" + re.sub(r"[^a-z0-9]+", "_", key.lower()).strip("_")
+        extra = [f"train.max_steps={short}"] + ([key] if "=" in key else [])
+        m = measured(cfg, tag, *extra, **kw)
+        variants.append(dict(config=cfg, key=key, images_per_s=m["images_per_s"],
+                             peak_mem_gb=m["peak_mem_gb"], wall_s=m["wall_s"],
+                             last_loss=m["last_loss"]))
+    result["variants"] = variants
 
     # ---- resume: the U-Net run continued by 20 steps ----------------------------------------
     text, _ = train(CONFIGS[0], CONFIGS[0], f"train.max_steps={steps + 20}", resume=True)
@@ -237,12 +273,18 @@ def main(argv=None) -> int:
 
     # ---- report ------------------------------------------------------------------------------
     lines = [f"gpu-check: {n_gpus} x {device}, " + ("tiny CPU mode, fp32" if tiny else "bf16"),
-             "| config | MeanFlow img/s | flow matching img/s | MF / FM step time | "
-             "peak GB (MF) | peak GB (FM) | final loss |", "|" + "---|" * 7]
+             "| config | batch/GPU | MeanFlow img/s | flow matching img/s | MF / FM step time | "
+             "peak GB (MF) | peak GB (FM) | final loss |", "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['mf_images_per_s']:.1f} | {r['fm_images_per_s']:.1f}"
-                     f" | {r['mf_over_fm_step_time']:.2f} | {r['mf_peak_mem_gb']:.2f} | "
-                     f"{r['fm_peak_mem_gb']:.2f} | {r['mf_last_loss']:.3f} |")
+        lines.append(f"| {r['config']} | {r['batch_per_gpu']} | {r['mf_images_per_s']:.1f} | "
+                     f"{r['fm_images_per_s']:.1f} | {r['mf_over_fm_step_time']:.2f} | "
+                     f"{r['mf_peak_mem_gb']:.2f} | {r['fm_peak_mem_gb']:.2f} | "
+                     f"{r['mf_last_loss']:.3f} |")
+    lines += ["", "| config | key (MeanFlow, shipped batch) | img/s | peak GB | final loss | "
+                  "wall s |", "|" + "---|" * 6]
+    for v in result["variants"]:
+        lines.append(f"| {v['config']} | {v['key']} | {v['images_per_s']:.1f} | "
+                     f"{v['peak_mem_gb']:.2f} | {v['last_loss']:.3f} | {v['wall_s']:.0f} |")
     e = result["evaluate"]
     lines.append(f"resume: from step {result['resume']['from_step']} to "
                  f"{result['resume']['final_checkpoint']}; evaluate on {n_gpus} process(es): "
