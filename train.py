@@ -36,6 +36,8 @@ from meanflow.config import Config, ConfigError, config_help, load_config, to_di
 from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
 from meanflow.distributed import TrainProgress, all_ok, shutdown  # noqa: E402
+from meanflow.launch import (SetupError, check_shared_run_dir, make_accelerator,  # noqa: E402
+                             set_backend_flags)
 from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
                                SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
                                export_config, export_model, is_complete, list_checkpoints,
@@ -81,100 +83,6 @@ def batch_to(batch: dict, device, cfg: Config, channels_last: bool = False):
             if cfg.data.use_edges else None)
     label = batch["label"].to(device, non_blocking=True) if cfg.data.use_labels else None
     return x, edge, label
-
-
-# --------------------------------------------------------------------------------------------
-# Precision and launcher settings
-# --------------------------------------------------------------------------------------------
-LAUNCH_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"          # accelerate launch --mixed_precision
-LAUNCH_ACCUM_ENV = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"   # ... --gradient_accumulation_steps
-
-
-def resolve_precision(tc, device: torch.device, env=os.environ) -> str:
-    """The autocast mode: ``train.mixed_precision`` against the launcher's flag and the device.
-
-    ``accelerate launch`` always exports its flag ("no" when not given), so only a launcher
-    value other than "no" counts as asked for. An explicit config value that contradicts it is
-    an error rather than a silent override in either direction.
-    """
-    launched = (env.get(LAUNCH_PRECISION_ENV) or "no").lower()
-    want = tc.mixed_precision
-    if want == "auto":
-        if launched != "no":
-            want = launched
-        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
-            want = "bf16"
-        else:
-            want = "no"
-    elif launched != "no" and launched != want:
-        raise ConfigError(f"train.mixed_precision={want} but the launcher asks for "
-                          f"--mixed_precision {launched}: drop one of them (train."
-                          f"mixed_precision=auto follows the launcher)")
-    if want not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"--mixed_precision {want}: this trainer supports no, bf16 and fp16")
-    if want == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this process runs on "
-                          f"{device}); use bf16 or no")
-    return want
-
-
-def resolve_grad_accum(tc, env=os.environ) -> int:
-    """``train.grad_accum``, or the launcher's --gradient_accumulation_steps when the config
-    keeps the default of 1. Accelerate takes the launcher's value over the one passed in code,
-    so the two must agree, or the loop and Accelerate disagree on when gradients sync."""
-    raw = env.get(LAUNCH_ACCUM_ENV)
-    if raw is None:
-        return tc.grad_accum
-    try:
-        launched = int(raw)
-    except ValueError:
-        raise ConfigError(f"{LAUNCH_ACCUM_ENV}={raw!r} is not an integer") from None
-    if launched < 1:
-        raise ConfigError(f"--gradient_accumulation_steps {launched} must be >= 1")
-    if tc.grad_accum not in (1, launched):
-        raise ConfigError(f"train.grad_accum={tc.grad_accum} but the launcher asks for "
-                          f"--gradient_accumulation_steps {launched}: drop one of them")
-    return launched
-
-
-def set_backend_flags(tc, device: torch.device) -> None:
-    """TF32 tensor cores for fp32 matmuls/convolutions on CUDA (train.tf32)."""
-    if device.type == "cuda":
-        prec = "tf32" if tc.tf32 else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = prec
-        torch.backends.cudnn.conv.fp32_precision = prec
-
-
-def check_shared_run_dir(accelerator, run_dir: Path) -> None:
-    """Refuse a run folder that the processes do not all see.
-
-    The main process writes checkpoints (and renames them complete) and every process reads
-    them back on resume, so the run folder must be on a filesystem shared by all nodes (NFS,
-    Lustre, a cloud volume mounted on each). On separate local disks the other nodes would
-    never see a complete checkpoint. The main process writes a probe file; every process
-    looks for it; the hosts that cannot see it are named.
-    """
-    if accelerator.num_processes == 1:
-        return
-    import socket
-    import uuid
-    from accelerate.utils import broadcast_object_list, gather_object
-    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
-    broadcast_object_list(token)
-    probe = run_dir / f".shared_check_{token[0]}"
-    if accelerator.is_main_process:
-        probe.write_text(socket.gethostname())
-    accelerator.wait_for_everyone()
-    blind = gather_object([None if probe.is_file() else
-                           f"rank {accelerator.process_index} on {socket.gethostname()}"])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        probe.unlink(missing_ok=True)
-    blind = [b for b in blind if b]
-    if blind:
-        raise RuntimeError(f"--run-dir {run_dir} is not shared by every process: "
-                           f"{', '.join(blind)} cannot see the file the main process wrote "
-                           f"there. Put the run folder on a filesystem every node mounts")
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,39 +454,6 @@ def main(argv=None) -> int:
         return 2
     finally:
         shutdown()                 # every exit path: no process group is left up
-
-
-class SetupError(Exception):
-    """Bad input found before the first step: one line, exit code 2."""
-
-
-def make_accelerator(cfg: Config, run_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import (DistributedDataParallelKwargs, InitProcessGroupKwargs,
-                                  ProjectConfiguration)
-
-    from meanflow.distributed import shared_gpu_backend
-    from meanflow.runtime import process_device
-    tc = cfg.train
-    try:
-        # the precision and accumulation that Accelerate will use, agreed with the launcher,
-        # and recorded in the run's config.yaml as resolved
-        tc.mixed_precision = resolve_precision(tc, process_device())
-        tc.grad_accum = resolve_grad_accum(tc)
-    except ConfigError as e:
-        raise SetupError(e) from None
-    # cpu=True when there is no GPU: Accelerate only sets up a multi-process (gloo) run on
-    # CPU when told so; on GPUs it picks NCCL by itself, except where ranks share a GPU
-    # (more processes on a node than GPUs), which NCCL refuses: gloo then.
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
-    if shared_gpu_backend() is not None:
-        handlers.append(InitProcessGroupKwargs(backend=shared_gpu_backend()))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
-                       gradient_accumulation_steps=tc.grad_accum,
-                       log_with=None if tc.log_with == "none" else tc.log_with,
-                       project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                                           logging_dir=str(run_dir)),
-                       kwargs_handlers=handlers)
 
 
 def load_data(cfg: Config, dry_run: bool):

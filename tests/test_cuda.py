@@ -68,6 +68,7 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     import train
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from meanflow import launch
     from meanflow.config import load_config
     from meanflow.objective import MeanFlowLoss
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", TINY[config] + PLAIN + overrides)
@@ -76,7 +77,7 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=DEV.type == "cpu", mixed_precision=cfg.train.mixed_precision)
     assert acc.device.type == DEV.type
-    train.set_backend_flags(cfg.train, acc.device)
+    launch.set_backend_flags(cfg.train, acc.device)
     torch.manual_seed(0)
     model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
     loss_fn = MeanFlowLoss(cfg.meanflow)
@@ -87,7 +88,7 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
             world=1, rank=0, fp16=cfg.train.mixed_precision == "fp16",
             channels_last=train.uses_channels_last(cfg, acc.device))
         out.append({k: float(v) for k, v in stats.items()} | dict(ok=bool(ok)))
-    train.set_backend_flags(load_config(None, ["train.tf32=false"]).train, acc.device)
+    launch.set_backend_flags(load_config(None, ["train.tf32=false"]).train, acc.device)
     return out
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import train
+from meanflow import launch
 from helpers import PY, ROOT, env, make_pixel_dataset, run
 from meanflow.config import from_dict
 from meanflow.objective import MeanFlowLoss, neq_layout, uncompiled, unwrap
@@ -172,21 +173,21 @@ def test_fused_adamw_skips_a_nonfinite_update_on_the_device():
 ])
 def test_precision_follows_the_launcher(launched, config, device, want):
     tc = tiny_cfg(mixed_precision=config).train
-    envd = {} if launched is None else {train.LAUNCH_PRECISION_ENV: launched}
-    assert train.resolve_precision(tc, torch.device(device), envd) == want
+    envd = {} if launched is None else {launch.LAUNCH_PRECISION_ENV: launched}
+    assert launch.resolve_precision(tc, torch.device(device), envd) == want
 
 
 def test_precision_conflicts_and_fp16_on_cpu_are_errors():
     from meanflow.config import ConfigError
     tc = tiny_cfg(mixed_precision="fp16").train
     with pytest.raises(ConfigError, match="launcher asks for --mixed_precision bf16"):
-        train.resolve_precision(tc, torch.device("cpu"), {train.LAUNCH_PRECISION_ENV: "bf16"})
+        launch.resolve_precision(tc, torch.device("cpu"), {launch.LAUNCH_PRECISION_ENV: "bf16"})
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        train.resolve_precision(tc, torch.device("cpu"), {})
+        launch.resolve_precision(tc, torch.device("cpu"), {})
     with pytest.raises(ConfigError, match="grad_accum=3 but the launcher asks for"):
-        train.resolve_grad_accum(tiny_cfg(grad_accum=3).train,
-                                 {train.LAUNCH_ACCUM_ENV: "2"})
-    assert train.resolve_grad_accum(tiny_cfg().train, {train.LAUNCH_ACCUM_ENV: "2"}) == 2
+        launch.resolve_grad_accum(tiny_cfg(grad_accum=3).train,
+                                 {launch.LAUNCH_ACCUM_ENV: "2"})
+    assert launch.resolve_grad_accum(tiny_cfg().train, {launch.LAUNCH_ACCUM_ENV: "2"}) == 2
 
 
 def test_mixed_precision_no_is_accepted_from_yaml_and_the_command_line():
@@ -436,11 +437,11 @@ def test_a_run_folder_not_shared_between_nodes_is_refused(tmp_path, monkeypatch)
         monkeypatch.setattr(au, "gather_object", lambda mine, a=acc: mine + (
             [None] if a.shared else ["rank 1 on node-b"]))
         if shared:
-            train.check_shared_run_dir(acc, tmp_path)
+            launch.check_shared_run_dir(acc, tmp_path)
         else:
             with pytest.raises(RuntimeError, match="not shared by every process: rank 1 on "
                                                    "node-b cannot see"):
-                train.check_shared_run_dir(acc, tmp_path)
+                launch.check_shared_run_dir(acc, tmp_path)
         assert not list(tmp_path.glob(".shared_check_*"))          # the probe is cleaned up
 
 

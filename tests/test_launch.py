@@ -2,7 +2,6 @@
 under gloo, and a training bar that shows the budget that actually ends the run."""
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
