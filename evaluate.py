@@ -26,6 +26,13 @@ checkpoints) give a learning curve: each model is evaluated on the same samples 
 OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step
 (curve.png plots them). A model whose results there already cover the requested steps is
 read back, not sampled again, so a killed curve resumes.
+
+A killed evaluation, restarted with the same command, continues from its finished batches:
+each batch's features, edge scores and grid tiles are kept in OUT/.partial (with the settings
+they were made with) until results.json is written, and read back instead of sampled again,
+giving the numbers of an uninterrupted run. A rerun into the same --out deletes the earlier
+run's files that it does not write again (evaluate.py's own only, listed in
+OUT/.meanflow-outputs.json).
 """
 from __future__ import annotations
 
