@@ -26,12 +26,21 @@ checkpoints) give a learning curve: each model is evaluated on the same samples 
 OUT/<checkpoint>/, and OUT/curve.md and curve.json list the metrics by training step
 (curve.png plots them). A model whose results there already cover the requested steps is
 read back, not sampled again, so a killed curve resumes.
+
+A killed evaluation, restarted with the same command, continues from its finished batches:
+each batch's features, edge scores and grid tiles are kept in OUT/.partial (with the settings
+they were made with) until results.json is written, and read back instead of sampled again,
+giving the numbers of an uninterrupted run. A rerun into the same --out deletes the earlier
+run's files that it does not write again (evaluate.py's own only, listed in
+OUT/.meanflow-outputs.json).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,10 +54,12 @@ import torch  # noqa: E402
 
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
 from meanflow.distributed import finish, gather, init_state, progress, shutdown  # noqa: E402
-from meanflow.evaluation import (EvalError, conditions, parse_steps, real_statistics,  # noqa: E402
-                                 reference_tag, sample_batch, spread, steps_grid)
+from meanflow.evaluation import (EvalError, checked_device, conditions, parse_steps,  # noqa: E402
+                                 real_statistics, reference_tag, sample_batch, spread,
+                                 steps_grid)
 from meanflow.images import as_rgb, safe_name, save_png, tile_grid, to_uint8  # noqa: E402
-from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
+from meanflow.outputs import plan  # noqa: E402
+from meanflow.runtime import tune_cpu_allocator  # noqa: E402
 from meanflow.training import load_model  # noqa: E402
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -252,13 +263,53 @@ def reusable(res_file: Path, ckpt: Path, info: dict, args, data: str, n: int,
     return [rows[s] for s in steps_list]
 
 
+CURVE_FILES = ["curve.json", "curve.md", "curve.png"]
+# what evaluate.py writes, matched in a folder written before it kept a manifest
+_PNG = "steps_*/" + "[0-9]" * 6 + "_*.png"         # steps_1/000042_<key>.png
+OWN_NAMES = ["results.json", "results.md", "grid.png", _PNG, *CURVE_FILES, "*/results.json",
+             "*/results.md", "*/grid.png", "*/" + _PNG]
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder or a path where one can be made (created only after every input
+    has been checked)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise EvalError(f"--out {out}: {'it' if p == out else p} is a file, not a "
+                                f"folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise EvalError(f"--out {out}: {p} is not writable")
+            return
+
+
+def fid_weights(args, device) -> tuple[Path, bool]:
+    """(the Inception weights, whether they give the Inception Score), loaded once here so
+    that a missing, pickled, torn or foreign --fid-weights is one line before any work."""
+    from meanflow import metrics
+    weights = metrics.fid_weights_path(args.fid_weights)
+    want_is = metrics.has_logits(weights)
+    layers = (metrics.FID_LAYER, metrics.LOGITS_LAYER) if want_is else (metrics.FID_LAYER,)
+    metrics.load_inception(weights, device, features=layers)      # memoised: sampling reuses it
+    return weights, want_is
+
+
+def model_files(args, ctx: dict) -> list[str]:
+    """The files (relative paths) an evaluation of one model writes into its folder."""
+    files = ["results.json", "results.md"] + ["grid.png"] * bool(args.compare_steps)
+    if not args.no_png:
+        files += [f"steps_{s}/{ctx['names'](i)}" for s in ctx["steps_list"] for i in ctx["sel"]]
+    return files
+
+
 def run_evaluation(argv=None) -> int:
     args = parse_args(argv)
     tune_cpu_allocator()
-    # The device first, before anything is loaded: cuda:LOCAL_RANK under torchrun (a bare
-    # "cuda" would put every rank's model on GPU 0), else the CPU.
-    device = process_device(args.device)
     try:
+        # The device first, before anything is loaded: cuda:LOCAL_RANK under torchrun (a
+        # bare "cuda" would put every rank's model on GPU 0), else the CPU; checked here, so
+        # a device this machine lacks is one line
+        device = checked_device(args.device)
         args.precision = resolve_precision(args.precision, device)
         steps_list = ([parse_steps(s) for s in args.compare_steps.split(",")]
                       if args.compare_steps else [args.steps])
@@ -289,20 +340,19 @@ def run_evaluation(argv=None) -> int:
             out = Path(args.out) if args.out else default_dir
         else:
             out = Path(args.out) if args.out else default_out(ckpts[0], args)
+        if not args.ref:
+            check_out(out)
+        # the Inception weights are loaded (and kept) now: a missing, pickled or foreign
+        # file is one line before any sampling, and before --out is created
+        weights, want_is = fid_weights(args, device) if args.fid or args.ref else (None, False)
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank = state.process_index
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
 
     from meanflow import metrics
+    rank = state.process_index
     n = len(sel)
-    want_fid = args.fid or args.ref
-    weights, want_is = None, False
-    if want_fid:
-        weights = metrics.fid_weights_path(args.fid_weights)
-        want_is = metrics.has_logits(weights)
+    if args.fid or args.ref:
         if args.ref_stats is None:
             tag = reference_tag(args.split, args.category, n)
             ref_stats = real_statistics(ds, sel, tag, weights, device, state)
@@ -329,13 +379,26 @@ def run_evaluation(argv=None) -> int:
                detector=edge_detector(meta, device) if edge_f1 else None,
                state=state, device=device, amp_dtype=AMP_DTYPES[args.precision])
     data = "none" if ds is None else str(Path(ds.path).resolve())
+    ctx["data"] = data
     report = dict(args=args, n=n, data=data, weights=weights, ref_file=ref_file,
                   ref_n=ref_stats.get("n") if ref_stats is not None else None,
                   inception_score=want_is)
+    if rank == 0:
+        # the earlier run's files that this one will not write again go (evaluate.py's own
+        # only: the folder's manifest lists them); none of a user's other files
+        files = (model_files(args, ctx) if not curve else
+                 CURVE_FILES + [f"{name}/{f}" for name in names for f in model_files(args, ctx)])
+        stale = plan(out, "evaluate.py", files, legacy=OWN_NAMES,
+                     marker="curve.json" if curve else "results.json")
+        if stale:
+            print(f"removed {len(stale)} files of an earlier evaluate.py run from {out}",
+                  file=sys.stderr, flush=True)
+    state.wait_for_everyone()
     if not curve:
-        results = evaluate_model(model, info, out, args, ctx)
+        results = evaluate_model(model, info, out, args, ctx, ckpts[0])
         if rank == 0:
             write_reports(out, str(ckpts[0]), results, info, report)
+            finish_partial(out)
     elif evaluate_curve(list(zip(ckpts, names)), model, info, out, args, ctx, report,
                         edge_f1) != 0:
         return 2
@@ -369,9 +432,10 @@ def evaluate_curve(runs: list[tuple[Path, str]], model, info: dict, out: Path, a
             state.print(f"{ckpt} (step {info.get('step')}): {i + 1} of {len(runs)}")
             if state.process_index == 0:
                 sub.mkdir(parents=True, exist_ok=True)
-            results = evaluate_model(model, info, sub, args, ctx)
+            results = evaluate_model(model, info, sub, args, ctx, ckpt)
             if state.process_index == 0:
                 write_reports(sub, str(ckpt), results, info, report)
+                finish_partial(sub)
         rows.append(dict(ckpt=str(ckpt), step=info.get("step"), results=results))
         del model
     if state.process_index == 0:
@@ -424,8 +488,96 @@ def check_same_task(info: dict, dcfg: DataConfig, meta: dict, ckpt: Path) -> Non
         raise EvalError(f"{ckpt}: {e}") from None
 
 
-def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
-    """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows."""
+PARTIAL = ".partial"             # OUT/.partial: per-batch results of an unfinished evaluation
+
+
+def model_fingerprint(ckpt: Path) -> list:
+    """Name, size and mtime of each file of the model's folder: a retrained model at the same
+    path and step does not pass for the one whose batches were stored."""
+    p = Path(ckpt).resolve()
+    if (p / "export").is_dir() and not (p / "model_config.json").is_file():
+        p = p / "export"
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def partial_spec(ckpt: Path, info: dict, args, ctx: dict) -> dict:
+    """Everything a stored batch depends on: the model, the samples, the sampler, the metrics.
+    Batches are fixed by sample position, so the process count is not part of it."""
+    from meanflow import metrics
+    w = ctx["weights"]
+    return dict(format=1, ckpt=str(Path(ckpt).resolve()), model=model_fingerprint(ckpt),
+                step=info.get("step"), data=ctx["data"], n=len(ctx["sel"]),
+                sel=hashlib.sha256(json.dumps(ctx["sel"]).encode()).hexdigest(),
+                seed=args.seed, cfg_scale=args.cfg_scale, precision=args.precision,
+                batch_size=args.batch_size, grids={str(k): v for k, v in ctx["grids"].items()},
+                fid=bool(ctx["want_fid"]), inception_score=bool(ctx["want_is"]),
+                fid_weights=None if w is None else metrics.weights_hash(w),
+                edge_f1=ctx["detector"] is not None, png=not args.no_png)
+
+
+def open_partial(out: Path, spec: dict) -> None:
+    """OUT/.partial for ``spec`` (rank 0): kept when it was made for the same spec, else
+    emptied, so no batch of another model, selection or setting is ever read back."""
+    part = out / PARTIAL
+    try:
+        same = json.loads((part / "spec.json").read_text()) == spec
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True, exist_ok=True)
+        tmp = part / f"spec.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(spec))
+        os.replace(tmp, part / "spec.json")
+
+
+def finish_partial(out: Path) -> None:
+    """The stored batches are no longer needed once results.json is written."""
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+
+
+def save_batch(path: Path, **arrays) -> None:
+    """One batch's features, edge scores and grid images, atomically (tmp file + rename)."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_batch(path: Path, pos: range, grid_idx: list[int], want: dict) -> Optional[dict]:
+    """A stored batch if it is complete and fits (positions, shapes, finite features), else
+    None: a torn or foreign file is computed again."""
+    from meanflow import metrics
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            b = {k: z[k] for k in z.files}
+    except Exception:  # noqa: BLE001 - missing, torn or not an npz: compute it again
+        return None
+    ok = (np.array_equal(b.get("positions"), np.asarray(pos))
+          and np.array_equal(b.get("grid_idx"), np.asarray(grid_idx, np.int64))
+          and len(b.get("grid_img", ())) == len(grid_idx))
+    if ok and want["fid"]:
+        f = b.get("features")
+        ok = (f is not None and f.shape == (len(pos), metrics.FEATURE_DIM)
+              and bool(np.isfinite(f).all()))
+        if ok and want["is"]:
+            lg = b.get("logits")
+            ok = lg is not None and lg.shape[0] == len(pos)
+    if ok and want["edge"]:
+        ok = b.get("prf") is not None and b["prf"].shape == (3,)
+    return b if ok else None
+
+
+def evaluate_model(model, info: dict, out: Path, args, ctx: dict, ckpt: Path) -> list[dict]:
+    """Sample ``model`` on the selection at every step spec; rank 0 gets the metric rows.
+
+    Each batch's features, edge scores and grid images are stored in OUT/.partial when it is
+    done (its PNGs first), so a killed evaluation restarted with the same command reads the
+    finished batches back instead of sampling them again: the same numbers as an evaluation
+    that was never stopped. The folder goes once results.json is written."""
     from meanflow import metrics
     ds, sel, mcfg = ctx["ds"], ctx["sel"], ctx["mcfg"]
     state, device = ctx["state"], ctx["device"]
@@ -433,7 +585,11 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     steps_list, grids, want_fid = ctx["steps_list"], ctx["grids"], ctx["want_fid"]
     decode, detector, names = ctx["decode"], ctx["detector"], ctx["names"]
     n = len(sel)
+    want = {"fid": bool(want_fid), "is": bool(want_fid and ctx["want_is"]),
+            "edge": detector is not None}
 
+    if rank == 0:
+        open_partial(out, partial_spec(ckpt, info, args, ctx))
     # fixed batches of positions in the selection; rank r takes batches r, r + world, ...
     starts = list(range(0, n, args.batch_size))[rank::world]
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
@@ -442,53 +598,95 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict) -> list[dict]:
     grid_rows = set(grid_sel)
     grid_cols: dict = {}
     for steps in steps_list:
-        sdir = out / f"steps_{steps}"
-        if rank == 0 and not args.no_png:
-            sdir.mkdir(parents=True, exist_ok=True)
+        sdir, pdir = out / f"steps_{steps}", out / PARTIAL / f"steps_{steps}"
+        if rank == 0:
+            pdir.mkdir(parents=True, exist_ok=True)
+            if not args.no_png:
+                sdir.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
-        acc = (metrics.StreamedStatistics(n, device=device, logits=ctx["want_is"]) if want_fid
+        acc = (metrics.StreamedStatistics(n, device=device, logits=want["is"]) if want_fid
                else None)
-        prf, mine_grid, t0 = [], [], time.time()
+        prf, mine_grid, t0, reused = [], [], time.time(), 0
         with progress(n, f"sampling, {steps} step{'s' if steps != 1 else ''}",
                       main=state.is_main_process) as bar:
             for lo in starts:
                 pos = range(lo, min(n, lo + args.batch_size))
                 b = [sel[p] for p in pos]
-                with torch.no_grad():
-                    x, edge = sample_batch(model, b, ctx["cond"], shape, args.seed, device,
-                                           grids[steps], args.cfg_scale, ctx["amp_dtype"])
-                    imgs = to_uint8(decode(x))
-                for i, img in zip(b, imgs):
-                    if not args.no_png:
-                        save_png(sdir / names(i), img)
-                    if i in grid_rows:
-                        mine_grid.append((i, img))
+                g_idx = [i for i in b if i in grid_rows]
+                chunk = pdir / f"{lo:07d}.npz"
+                done = load_batch(chunk, pos, g_idx, want)
+                if done is not None and not args.no_png:        # its PNGs must be there too
+                    done = done if all((sdir / names(i)).is_file() for i in b) else None
+                if done is not None:
+                    reused += 1
+                    f, lg = done.get("features"), done.get("logits")
+                    grid = list(zip(g_idx, done["grid_img"]))
+                    p = done.get("prf")
+                    batch_prf = (None if p is None else
+                                 dict(precision=float(p[0]), recall=float(p[1]), f1=float(p[2])))
+                else:
+                    with torch.no_grad():
+                        x, edge = sample_batch(model, b, ctx["cond"], shape, args.seed, device,
+                                               grids[steps], args.cfg_scale, ctx["amp_dtype"])
+                        imgs = to_uint8(decode(x))
+                    for i, img in zip(b, imgs):
+                        if not args.no_png:
+                            save_png(sdir / names(i), img)
+                    grid = [(i, img) for i, img in zip(b, imgs) if i in grid_rows]
+                    f = lg = None
+                    if acc is not None:
+                        f, lg = metrics.inception_forward(as_rgb(imgs), device, ctx["weights"],
+                                                          logits=want["is"])
+                    batch_prf = None
+                    if detector is not None:
+                        ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
+                        pred_edges = detector(imgs, ref_edges.shape[-2:])
+                        batch_prf = metrics.edge_prf(pred_edges, ref_edges)
+                    arrays = dict(positions=np.asarray(pos), grid_idx=np.asarray(g_idx, np.int64),
+                                  grid_img=np.stack([im for _, im in grid]) if grid
+                                  else np.zeros((0,), np.uint8))
+                    if f is not None:
+                        arrays["features"] = f.float().cpu().numpy()
+                        if lg is not None:
+                            arrays["logits"] = lg.float().cpu().numpy()
+                    if batch_prf is not None:
+                        arrays["prf"] = np.array([batch_prf[k] for k in
+                                                  ("precision", "recall", "f1")], np.float64)
+                    save_batch(chunk, **arrays)
+                mine_grid += grid
                 if acc is not None:
-                    acc.add(pos, as_rgb(imgs), weights=ctx["weights"])
-                if detector is not None:
-                    ref_edges = (edge[:, 0] > 0.5).cpu().numpy()
-                    pred_edges = detector(imgs, ref_edges.shape[-2:])
-                    prf.append((len(b), metrics.edge_prf(pred_edges, ref_edges)))
+                    acc.update(pos, torch.as_tensor(f).to(device),
+                               None if lg is None else torch.as_tensor(lg).to(device))
+                if batch_prf is not None:
+                    prf.append((len(b), batch_prf))
                 bar.update(min(len(pos) * world, n - bar.n))
         secs = time.time() - t0
         gen = acc.reduce() if acc is not None else None             # collective
         all_prf = gather(prf, state)
         all_secs = max(gather([secs], state))
+        all_reused = sum(gather([reused], state))
         for i, img in gather(mine_grid, state):         # every rank's grid rows, not rank 0's
             grid_cols.setdefault(i, {})[steps] = img
         if rank == 0:
+            if all_reused:
+                print(f"steps {steps}: {all_reused} of {len(range(0, n, args.batch_size))} "
+                      f"batches read back from {out / PARTIAL} (an earlier, stopped run)",
+                      file=sys.stderr, flush=True)
             nfe = (len(grids[steps]) - 1) * (2 if args.cfg_scale != 1.0 else 1)
             row = dict(steps=steps, nfe=nfe, n=n, seconds_per_image=all_secs * world / n)
             if want_fid:
                 row.update(metrics.scores(gen, ctx["ref_stats"], pr_device=device))
-                if "warning" in row:
-                    print(f"warning: {row['warning']}", file=sys.stderr, flush=True)
             if detector is not None:
                 w = sum(k for k, _ in all_prf)
                 for k in ("precision", "recall", "f1"):
                     row[f"edge_{k}"] = sum(p[k] * m for m, p in all_prf) / w
+            undefined = metrics.undefined_warning(row)          # NaN -> null, named
+            if undefined:
+                row["warning"] = "; ".join(filter(None, [row.get("warning"), undefined]))
+            if "warning" in row:
+                print(f"warning: {row['warning']}", file=sys.stderr, flush=True)
             results.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, allow_nan=False), flush=True)
     if rank == 0 and args.compare_steps:
         write_grid(out / "grid.png", ds, grid_sel, grid_cols, steps_list)
     return results
@@ -512,7 +710,8 @@ def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, report:
     if weights is not None and not report["inception_score"]:
         meta["inception_score"] = ("unavailable: these Inception weights have no classifier "
                                    "(pass torch-fidelity's weights as --fid-weights)")
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2,
+                                                 allow_nan=False))     # strict JSON
     cols = [("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
             ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
             ("inception_score", "IS"), ("edge_precision", "edge P"), ("edge_recall", "edge R"),
@@ -523,7 +722,8 @@ def write_reports(out: Path, ckpt: str, results: list[dict], info: dict, report:
         cells = []
         for k, _ in cols:
             v = r.get(k, "")
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+            cells.append(f"{v:.4g}" if isinstance(v, float) else
+                         "undefined" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     warnings = sorted({r["warning"] for r in results if "warning" in r})
     notes = "".join(f"\n**Warning:** {w}.\n" for w in warnings)
@@ -542,7 +742,7 @@ def write_curve(out: Path, rows: list[dict], args, n: int, report: Optional[dict
     """curve.json, curve.md and curve.png: FID (KID, edge F1) of every model by training step."""
     (out / "curve.json").write_text(json.dumps(dict(
         meta=dict(split=args.split, category=args.category, seed=args.seed,
-                  cfg_scale=args.cfg_scale, n=n), models=rows), indent=2))
+                  cfg_scale=args.cfg_scale, n=n), models=rows), indent=2, allow_nan=False))
     steps = [r["steps"] for r in rows[0]["results"]]
     metrics = [(k, h) for k, h in (("fid", "FID"), ("kid", "KID"), ("edge_f1", "edge F1"))
                if any(k in r for m in rows for r in m["results"])]

@@ -11,8 +11,10 @@ edges. One PNG per sample, and sheet.png: one row per input, [input | outputs].
 
 Sample k (inputs in order, --num-per-input each) draws its noise from (--seed, k), as in
 evaluate.py, so the images do not depend on --batch-size. The device is chosen automatically
-(CUDA with bf16 where present) unless --device says otherwise. Every input is checked before
-anything is generated or written.
+(CUDA with bf16 where present) unless --device says otherwise. Every input (and --out,
+--device) is checked before anything is generated or written. A rerun into the same --out
+replaces the earlier run's images: those it would not write again are deleted (sample.py's
+own files only; the folder's .meanflow-outputs.json lists them). A restart starts over.
 """
 from __future__ import annotations
 
@@ -99,18 +101,37 @@ def write_sheet(path: Path, rows: list[tuple[list[np.ndarray], list[np.ndarray]]
     Image.fromarray(sheet).save(path)
 
 
+OWN_NAMES = ["[0-9][0-9][0-9]_*_[0-9][0-9].png", "sheet.png"]   # what sample.py writes
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made: checked before the model
+    loads (nothing is created until every input has passed)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+            break
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from meanflow.evaluation import EvalError, checked_device
     from meanflow.pipeline import InputError, as_pil, load_pipeline, sketch_ink
     from meanflow.runtime import tune_cpu_allocator
     tune_cpu_allocator()
+    out = Path(args.out)
     try:
+        check_out(out)
+        device = checked_device(args.device)          # a bad --device: one line, no traceback
         files = list_inputs(args.input)
         for f in files:         # unreadable, oversized and blank files: before loading the model
             img = as_pil(f, str(f))
             if not args.from_photos:
                 sketch_ink(img, str(f))
-        pipe = load_pipeline(args.ckpt, args.device)
+        pipe = load_pipeline(args.ckpt, device)
         labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
         if labels is not None and any(not s for s in labels):
             raise UsageError(f"--labels {args.labels!r}: an empty entry")
@@ -123,18 +144,39 @@ def main(argv=None) -> int:
         kind = "photos" if args.from_photos else "edges"
         conds = pipe.conditions(**{kind: files}, labels=labels)
         batches = list(pipe.batches(conds, args.num_per_input, args.batch_size, args.seed))
-    except (UsageError, InputError, FileNotFoundError, ValueError) as e:
+    except (UsageError, InputError, EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    from meanflow.images import center_crop_arr, safe_name, to_rgb
+    from meanflow.images import safe_name
     classes = pipe.class_names or [str(i) for i in range(pipe.mcfg.num_classes)]
     names = ([safe_name(f.stem) for f in files] if files
              else [f"label_{safe_name(classes[c['label']])}" for c in conds])
+    try:
+        write_samples(out, args, pipe, files, conds, batches, names)
+    except OSError as e:          # an unwritable or full --out: one line naming it
+        print(f"error: --out {out}: cannot write there ({e.strerror or e}"
+              f"{f': {e.filename}' if e.filename else ''})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_samples(out: Path, args, pipe, files: list[Path], conds: list[dict], batches: list,
+                  names: list[str]) -> None:
+    """The PNGs and sheet.png. The files of an earlier run into ``out`` that this one does not
+    write again (more inputs, more samples per input) are deleted first: only sample.py's own
+    (listed in the folder's manifest, or named as it names them), never other files."""
+    from PIL import Image
+
+    from meanflow.images import center_crop_arr, to_rgb
+    from meanflow.outputs import plan
+    from meanflow.pipeline import as_pil
+    mine = [f"{i:03d}_{names[i]}_{j:02d}.png" for i in range(len(conds))
+            for j in range(args.num_per_input)] + ["sheet.png"]
+    stale = plan(out, "sample.py", mine, legacy=OWN_NAMES, marker="sheet.png")
+    if stale:
+        print(f"removed {len(stale)} files of an earlier sample.py run from {out}",
+              file=sys.stderr)
     per_input: dict[int, list[np.ndarray]] = {}
     written, ms = 0, []
     for batch in batches:
@@ -158,7 +200,6 @@ def main(argv=None) -> int:
     print(f"wrote {written} images and sheet.png to {out} ({args.steps} step"
           f"{'s' if args.steps != 1 else ''}, {np.mean(ms):.1f} ms per image on "
           f"{pipe.device})")
-    return 0
 
 
 if __name__ == "__main__":

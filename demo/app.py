@@ -8,6 +8,11 @@ edge map the way sample.py's do, a photo upload turned into edges by the dataset
 detector, a step count (1 to 4), a seed, and the measured milliseconds per image (network
 + decode, without the page's round trip). Needs the package installed (`pip install -e .`)
 and gradio (the Makefile's set-up installs both).
+
+The page keeps no file for long: an upload over --max-upload-mb (10 MB) is refused with HTTP
+413 before it is stored, and what gradio stores (uploads, sketches, returned images) is
+deleted --cache-max-age seconds (600) after it was made, by a sweep every --cache-sweep
+seconds (300), and all of it when the server stops (Ctrl-C; not after a kill -9).
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from typing import Optional
 import numpy as np
 
 DISPLAY_SIZE = 256          # small models (16-32 px) are shown enlarged, pixel for pixel
+MAX_UPLOAD_MB = 10.0        # a photo to turn into edges; anything larger is refused (HTTP 413)
+CACHE_MAX_AGE_S = 600       # uploads and images the page made are deleted this old ...
+CACHE_SWEEP_S = 300         # ... by a sweep this often (and all of them when the server stops)
 CANVAS_SIZE = (384, 384)
 BRUSH_RADIUS = 6            # canvas pixels: a 384 px stroke of 12 px is ~1 pixel at 32 px
 
@@ -30,7 +38,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default local)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
-    return ap.parse_args(argv)
+    ap.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                    help=f"largest file the page accepts, in MB (default {MAX_UPLOAD_MB:g}); a "
+                         f"larger upload is refused before it is stored")
+    ap.add_argument("--cache-max-age", type=int, default=CACHE_MAX_AGE_S,
+                    help=f"seconds after which an upload or an image the page made is deleted "
+                         f"from gradio's temporary folder (default {CACHE_MAX_AGE_S})")
+    ap.add_argument("--cache-sweep", type=int, default=CACHE_SWEEP_S,
+                    help=f"seconds between two sweeps of that folder (default {CACHE_SWEEP_S})")
+    args = ap.parse_args(argv)
+    if not args.max_upload_mb > 0:
+        ap.error(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for flag in ("cache_max_age", "cache_sweep"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1 second, got "
+                     f"{getattr(args, flag)}")
+    return args
+
+
+def max_file_size(args) -> int:
+    """--max-upload-mb in bytes, as gradio's ``launch(max_file_size=...)`` takes it."""
+    return int(args.max_upload_mb * 1024 * 1024)
+
+
+def delete_cache(args) -> tuple[int, int]:
+    """(frequency, age) in seconds, as gradio's ``Blocks(delete_cache=...)`` takes it."""
+    return (args.cache_sweep, args.cache_max_age)
 
 
 def enlarge(img: np.ndarray) -> np.ndarray:
@@ -39,8 +72,10 @@ def enlarge(img: np.ndarray) -> np.ndarray:
     return img.repeat(k, 0).repeat(k, 1)
 
 
-def build(pipe):
-    """The Gradio Blocks page of a loaded :class:`meanflow.pipeline.Pipeline`."""
+def build(pipe, cache: Optional[tuple[int, int]] = (CACHE_SWEEP_S, CACHE_MAX_AGE_S)):
+    """The Gradio Blocks page of a loaded :class:`meanflow.pipeline.Pipeline`. ``cache``:
+    every ``cache[0]`` seconds, the files the page stored (uploads, sketches, the images it
+    returned) that are older than ``cache[1]`` seconds are deleted; None keeps them all."""
     import gradio as gr
 
     from meanflow.pipeline import InputError
@@ -79,7 +114,7 @@ def build(pipe):
         return out, enlarge(np.repeat((edge[0] * 255).astype(np.uint8)[..., None], 3, -1)), info
 
     size = pipe.mcfg.input_size
-    with gr.Blocks(title="MeanFlow sketch to image") as page:
+    with gr.Blocks(title="MeanFlow sketch to image", delete_cache=cache) as page:
         gr.Markdown(f"### MeanFlow: sketch to image in one step\nDraw (any colour on white). "
                     f"The model works at {pipe.mcfg.edge_size} px edges -> {size} px images.")
         with gr.Row():
@@ -126,11 +161,17 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    page = build(pipe)
-    page.queue(default_concurrency_limit=1)          # one model: one image at a time
-    page.launch(server_name=args.host, server_port=args.port, share=False,
-                show_error=True, quiet=False)
+    serve(build(pipe, delete_cache(args)), args)
     return 0
+
+
+def serve(page, args, block: bool = True):
+    """Launch ``page`` on --host:--port with the upload limit; ``block=False`` returns at once
+    (the server runs in a thread until ``page.close()``)."""
+    page.queue(default_concurrency_limit=1)          # one model: one image at a time
+    return page.launch(server_name=args.host, server_port=args.port, share=False,
+                       show_error=True, quiet=False, max_file_size=max_file_size(args),
+                       prevent_thread_lock=not block)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,22 @@ class EvalError(ValueError):
     """Bad input detected before sampling starts."""
 
 
+def checked_device(requested: Optional[str] = None) -> torch.device:
+    """``runtime.process_device(requested)`` (the --device flag, or the automatic choice),
+    checked by putting a tensor there: a name torch does not know, or a device this machine
+    does not have (cuda without a GPU, cuda:7 on a 2-GPU machine), is an EvalError naming
+    --device, before anything is loaded or written."""
+    from .runtime import process_device
+    try:
+        dev = process_device(requested)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        text = str(e).strip().splitlines()
+        raise EvalError(f"--device {requested!r}: not usable on this machine "
+                        f"({text[0] if text else type(e).__name__})") from None
+    return dev
+
+
 def spread(idx: list[int], n: int) -> list[int]:
     """``n`` evenly spaced entries of ``idx`` (all of it when n = len(idx)).
 
@@ -90,6 +106,8 @@ def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
                     batch_size: int = 64) -> Optional[dict]:
     """FID/KID statistics of the real images ``sel`` of ``ds``, cached next to the dataset
     under ``tag`` (e.g. "test_n1000_spread"), so that every run and script shares one file.
+    A torn cache file is recomputed and rewritten; when ``fid_ref/`` cannot be written, the
+    statistics are still returned (each with a warning).
 
     Sharded like the samples (process r takes batches r, r + world, ...) and streamed
     (``metrics.StreamedStatistics``): no process holds more than one batch of images. Rank 0
@@ -102,10 +120,8 @@ def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
     weights = Path(weights) if weights is not None else metrics.fid_weights_path()
     key = metrics.statistics_key(f"{Path(ds.path).resolve()}::{tag}", n, weights)
     path = metrics.statistics_cache_path(Path(ds.path) / "fid_ref", key)
-    cached = None
-    if rank == 0 and path.is_file():
-        st, stored = metrics.load_statistics(path)
-        cached = st if stored == key and st["n"] == n else None
+    # a torn or unreadable file (a kill during a copy, say) is recomputed with a warning
+    cached = metrics.cached_statistics(path, key, n) if rank == 0 else None
     hit = [cached is not None]
     if world > 1:
         dist.broadcast_object_list(hit, src=0)             # all compute, or none
@@ -120,5 +136,5 @@ def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
             bar.update(min(len(pos) * world, n - bar.n))
     st = acc.reduce()
     if rank == 0:
-        metrics.save_statistics(path, st, key)
+        metrics.cache_statistics(path, st, key)     # unwritable: a warning, still the result
     return st

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -214,16 +215,30 @@ def fid_weights_path(explicit: Optional[Union[str, Path]] = None,
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def load_weights(path: Union[str, Path]) -> dict[str, Tensor]:
-    """A state dict from .safetensors, or from a .pth WITHOUT executing pickled code."""
+    """A state dict from .safetensors, or from a .pth WITHOUT executing pickled code; a file
+    that is neither is a one-line ValueError naming it."""
     p = Path(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - torn or not safetensors: name the file
+            raise ValueError(f"--fid-weights {str(p)!r}: not a readable .safetensors "
+                             f"({_first_line(e)})") from None
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():      # (a plain pickle: torch warns, then refuses it)
+            warnings.simplefilter("ignore", UserWarning)
+            sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:       # unpickling error: not a plain tensor dict
-        raise ValueError(f"--fid-weights {str(p)!r}: not a plain state dict ({e})") from e
+        # (torch's message runs over many lines: its first says what was refused)
+        raise ValueError(f"--fid-weights {str(p)!r}: not a plain state dict "
+                         f"({_first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"--fid-weights {str(p)!r}: expected a dict of tensors")
     return sd
@@ -275,7 +290,8 @@ def load_inception(weights: Optional[Union[str, Path]] = None, device=None,
             net = FeatureExtractorInceptionV3(f"inception-v3-compat-{key[1][:12]}",
                                               list(features), feature_extractor_weights_path=buf)
         except RuntimeError as e:     # load_state_dict: missing / unexpected keys or shapes
-            raise ValueError(f"{path}: not torch-fidelity InceptionV3 weights ({e})") from e
+            raise ValueError(f"--fid-weights {str(path)!r}: not torch-fidelity InceptionV3 "
+                             f"weights ({_first_line(e)})") from None
         _fold_batch_norms(net)
         # channels_last: oneDNN's convolutions run this network 1.8-2x faster on a CPU
         # (0.15 -> 0.08 s per image on 2 cores; features equal to ~1e-6 relative).
@@ -645,7 +661,9 @@ def statistics_from_sums(n: int, s1: Tensor, s2: Tensor) -> dict:
 def scores(gen: dict, ref: dict, kid_subsets: int = KID_SUBSETS, seed: int = KID_SEED,
            pr_device=None) -> dict:
     """Every score that the two statistics allow: FID always; KID and precision/recall when
-    both keep features; the Inception Score when ``gen`` has it. With a warning at small N."""
+    both keep features; the Inception Score when ``gen`` has it. With a warning at small N,
+    and a score that comes out NaN or infinite is None (JSON null) with a warning naming it,
+    never a number that is not one."""
     n_ref = None if ref.get("n") is None else int(ref["n"])      # ADM's files do not say
     out = {"fid": fid_from_statistics(gen, ref), "n": int(gen["n"]), "n_ref": n_ref}
     fa, fb = gen.get("features"), ref.get("features")
@@ -659,69 +677,198 @@ def scores(gen: dict, ref: dict, kid_subsets: int = KID_SUBSETS, seed: int = KID
     if "inception_score" in gen:
         out["inception_score"] = gen["inception_score"]
         out["inception_score_std"] = gen["inception_score_std"]
-    warn = small_n_warning(min(out["n"], n_ref if n_ref is not None else out["n"]))
-    if warn:
-        out["warning"] = warn
+    notes = [small_n_warning(min(out["n"], n_ref if n_ref is not None else out["n"]))]
+    notes.append(undefined_warning(out))
+    notes = [w for w in notes if w]
+    if notes:
+        out["warning"] = "; ".join(notes)
     return out
+
+
+def undefined_warning(row: dict) -> Optional[str]:
+    """Set each NaN or infinite float of ``row`` to None, in place (strict JSON has no NaN);
+    the warning that names them, or None when every number is finite."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not np.isfinite(v)]
+    for k in bad:
+        row[k] = None
+    if not bad:
+        return None
+    return f"{', '.join(bad)} undefined (NaN or infinite): written as null"
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics files: every field checked
+# --------------------------------------------------------------------------------------------
+PSD_TOL = 1e-5                   # sigma: asymmetry and negative eigenvalues, relative to max|diag|
+
+
+def _real(z, name: str, where: str) -> np.ndarray:
+    """Array ``name`` of the npz ``z`` as float64; a non-numeric one is an error."""
+    try:
+        a = np.asarray(z[name])
+    except ValueError as e:                        # object arrays: would need unpickling
+        raise ValueError(f"{where}: {name}: {e}") from None
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
+                               or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"{where}: {name} holds {a.dtype}, not real numbers")
+    return a.astype(np.float64)
+
+
+def check_statistics(st: dict, where: str, dim: Optional[int] = FEATURE_DIM) -> dict:
+    """``st`` ({"mu", "sigma", ["n"], ["features"]}, float64) if every field is what FID, KID
+    and precision/recall need, else a one-line ValueError naming ``where`` and the field: mu
+    [dim] finite; sigma [dim, dim] finite, symmetric and positive semi-definite (to
+    ``PSD_TOL`` relative to its largest variance); n an integer >= 2; features [M, dim] finite,
+    M <= n."""
+    mu, sigma = st["mu"], st["sigma"]
+    if dim is None:                                   # a cache file: any one feature width
+        dim = mu.shape[0] if mu.ndim == 1 else -1
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not fit the "
+                         f"Inception pool3 features ({dim},) and ({dim}, {dim}): statistics "
+                         f"of another network or layer")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{where}: {name} holds NaN or inf")
+    scale = float(np.abs(np.diag(sigma)).max()) if dim else 0.0
+    tol = PSD_TOL * max(scale, np.finfo(np.float64).tiny)
+    asym = float(np.abs(sigma - sigma.T).max()) if dim else 0.0
+    if asym > tol:
+        raise ValueError(f"{where}: sigma is not symmetric (max |sigma - sigma^T| = "
+                         f"{asym:.3g}): not a covariance")
+    if (np.diag(sigma) < -tol).any():
+        raise ValueError(f"{where}: sigma has negative variances (min "
+                         f"{np.diag(sigma).min():.3g}): not a covariance")
+    try:                     # Cholesky of sigma + tol I exists iff every eigenvalue > -tol
+        np.linalg.cholesky(sigma + tol * np.eye(dim))
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{where}: sigma is not positive semi-definite (an "
+                         f"eigenvalue below -{tol:.3g}): not a covariance") from None
+    n = st.get("n")
+    if n is not None:
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
+            raise ValueError(f"{where}: n must be an integer >= 2 (the number of "
+                             f"images), got {n!r}")
+    f = st.get("features")
+    if f is not None:
+        if f.ndim != 2 or f.shape[1] != dim:
+            raise ValueError(f"{where}: features {f.shape} are not [N, {dim}]")
+        if not np.isfinite(f).all():
+            raise ValueError(f"{where}: features hold NaN or inf")
+        if n is not None and len(f) > n:
+            raise ValueError(f"{where}: features have {len(f)} rows, more than n = {n}")
+    return st
+
+
+def _read_n(z, where: str):
+    """Field ``n`` as an int: a scalar of integer value, else a one-line error."""
+    a = np.asarray(z["n"]) if "n" in z.files else None
+    if a is None:
+        return None
+    bad = ValueError(f"{where}: n must be one integer (the number of images), got "
+                     f"{a.dtype} {a.shape}{'' if a.size > 4 else f' {a.tolist()!r}'}")
+    if a.ndim != 0 or a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
+                                              or np.issubdtype(a.dtype, np.floating)):
+        raise bad
+    v = a.item()
+    if isinstance(v, float) and not (np.isfinite(v) and v == int(v)):
+        raise bad
+    return int(v)
+
+
+def _read_statistics(p: Path, where: str, dim: Optional[int], need_key: bool = False) -> dict:
+    """mu, sigma, n, features (and ``key``, when ``need_key``) of an npz, every field checked
+    (``check_statistics``); never unpickles. Any fault is one ValueError naming ``where``."""
+    try:
+        z = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
+        raise ValueError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from None
+    try:
+        with z:
+            want = {"mu", "sigma"} | ({"n", "features", "key"} if need_key else set())
+            if not want <= set(z.files):
+                raise ValueError(f"{where}: expected arrays "
+                                 f"{', '.join(repr(k) for k in sorted(want))} (the pytorch-fid "
+                                 f"/ ADM layout), found {sorted(z.files)}")
+            st = {"mu": _real(z, "mu", where), "sigma": _real(z, "sigma", where),
+                  "n": _read_n(z, where)}
+            if "features" in z.files:
+                st["features"] = _real(z, "features", where)
+            if need_key:
+                st["key"] = json.loads(str(z["key"]))
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a torn member: zlib / zip / json errors
+        raise ValueError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+    return check_statistics(st, where, dim)
 
 
 def load_reference_npz(path: Union[str, Path], dim: int = FEATURE_DIM) -> dict:
     """FID reference statistics in the common npz layout: ``mu`` [D] and ``sigma`` [D, D]
     (pytorch-fid, ADM's VIRTUAL_imagenet256_labeled.npz, clean-fid, preprocess/fid_stats.py;
     other arrays are ignored). ``n`` and ``features`` (for KID, precision/recall) are read when
-    present. Never unpickles; a bad file is one clear error naming it."""
+    present. Never unpickles; every field is checked (``check_statistics``), and a bad file is
+    one clear error naming it and the field."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--ref-stats {str(p)!r}: no such file")
-    try:
-        z = np.load(p, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
-        raise ValueError(f"--ref-stats {str(p)!r}: not a readable .npz ({e})") from None
-    with z:
-        if not {"mu", "sigma"} <= set(z.files):
-            raise ValueError(f"--ref-stats {str(p)!r}: expected arrays 'mu' and 'sigma' (the "
-                             f"pytorch-fid / ADM layout), found {sorted(z.files)}")
-        try:
-            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-        except ValueError as e:
-            raise ValueError(f"--ref-stats {str(p)!r}: {e}") from None
-        if mu.shape != (dim,) or sigma.shape != (dim, dim):
-            raise ValueError(f"--ref-stats {str(p)!r}: mu {mu.shape} and sigma {sigma.shape} do "
-                             f"not fit the Inception pool3 features ({dim},) and ({dim}, {dim}): "
-                             f"statistics of another network or layer")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"--ref-stats {str(p)!r}: mu or sigma holds NaN or inf")
-        st = {"mu": mu, "sigma": sigma, "n": int(z["n"]) if "n" in z.files else None}
-        if "features" in z.files:
-            f = z["features"]
-            if f.ndim != 2 or f.shape[1] != dim:
-                raise ValueError(f"--ref-stats {str(p)!r}: features {f.shape} are not "
-                                 f"[N, {dim}]")
-            st["features"] = f.astype(np.float64)
-        return st
+    return _read_statistics(p, f"--ref-stats {str(p)!r}", dim)
 
 
 # --------------------------------------------------------------------------------------------
 # Reference statistics cache (.npz, no pickle)
 # --------------------------------------------------------------------------------------------
 def save_statistics(path: Union[str, Path], stats: dict, key: dict) -> None:
-    """Write statistics and the key they were computed for, atomically."""
+    """Write statistics and the key they were computed for, atomically (no partial file is
+    left behind when the write fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    # features are float32 out of the network: storing them as float32 is lossless
-    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], n=np.int64(stats["n"]),
-             features=np.asarray(stats["features"], np.float32),
-             key=np.array(json.dumps(key, sort_keys=True)))
-    os.replace(tmp, path)
+    try:
+        # features are float32 out of the network: storing them as float32 is lossless
+        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], n=np.int64(stats["n"]),
+                 features=np.asarray(stats["features"], np.float32),
+                 key=np.array(json.dumps(key, sort_keys=True)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_statistics(path: Union[str, Path]) -> tuple[dict, dict]:
-    """(statistics, key) from ``save_statistics``; never unpickles."""
-    with np.load(path, allow_pickle=False) as z:
-        st = {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"]),
-              "features": z["features"].astype(np.float64)}
-        return st, json.loads(str(z["key"]))
+    """(statistics, key) from ``save_statistics``; never unpickles. A torn or otherwise bad
+    file is a ValueError naming it."""
+    st = _read_statistics(Path(path), f"{path}", None, need_key=True)
+    return st, st.pop("key")
+
+
+def cached_statistics(path: Path, key: dict, n: int) -> Optional[dict]:
+    """The statistics cached at ``path`` if they were stored under ``key`` for ``n`` images;
+    None when there are none, and None with a warning when the file is unreadable (torn by a
+    kill, say), so the caller recomputes them and writes it anew."""
+    if not path.is_file():
+        return None
+    try:
+        st, stored = load_statistics(path)
+    except (OSError, ValueError) as e:
+        _warn(f"cached reference statistics {e}; recomputing them")
+        return None
+    return st if stored == key and st["n"] == n else None
+
+
+def cache_statistics(path: Path, st: dict, key: dict) -> bool:
+    """Write the statistics to the cache; when the cache cannot be written (a file in the
+    folder's place, a read-only disk, a full one) warn and go on: they are only not cached."""
+    try:
+        save_statistics(path, st, key)
+        return True
+    except OSError as e:
+        _warn(f"cannot cache the reference statistics at {path} ({type(e).__name__}: "
+              f"{e.strerror or e}); using them uncached, they will be computed again next time")
+        return False
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def statistics_key(name: str, n: int, weights: Union[str, Path]) -> dict:
@@ -746,7 +893,9 @@ def reference_statistics(name: str, images: Union[ImageBatch, Callable[[], Image
     ``name`` identifies the data (e.g. "<dataset path>::<split>_<category>"); the cache file is
     keyed by name, N and the weights' SHA-256, and the stored key is checked on load, so a
     different N, split or weights never reuses a stale file. ``images`` is a uint8 batch or a
-    callable returning one (called only on a cache miss, so then ``n`` is required).
+    callable returning one (called only on a cache miss, so then ``n`` is required). A torn
+    cache file is recomputed, and a cache that cannot be written still gives the statistics
+    (each with a warning).
     """
     if callable(images):
         if n is None:
@@ -760,15 +909,14 @@ def reference_statistics(name: str, images: Union[ImageBatch, Callable[[], Image
     weights = Path(weights) if weights is not None else fid_weights_path()
     key = statistics_key(name, n, weights)
     path = statistics_cache_path(cache_dir, key)
-    if path.is_file():
-        st, stored = load_statistics(path)
-        if stored == key and st["n"] == n:
-            return st
+    st = cached_statistics(path, key, n)
+    if st is not None:
+        return st
     imgs = images() if callable(images) else images
     if int(imgs.shape[0]) != n:
         raise ValueError(f"reference_statistics: n={n} but `images` returned {imgs.shape[0]}")
     st = statistics_from_features(inception_features(imgs, batch_size, device, weights))
-    save_statistics(path, st, key)
+    cache_statistics(path, st, key)
     return st
 
 
