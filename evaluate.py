@@ -53,7 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
-from meanflow.distributed import finish, gather, init_state, progress, shutdown  # noqa: E402
+from meanflow.distributed import (finish, gather, init_state, progress, shard_starts,  # noqa: E402
+                                  shutdown)
 from meanflow.evaluation import (EvalError, checked_device, conditions, parse_steps,  # noqa: E402
                                  real_statistics, reference_tag, sample_batch, spread,
                                  steps_grid)
@@ -591,7 +592,7 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict, ckpt: Path) ->
     if rank == 0:
         open_partial(out, partial_spec(ckpt, info, args, ctx))
     # fixed batches of positions in the selection; rank r takes batches r, r + world, ...
-    starts = list(range(0, n, args.batch_size))[rank::world]
+    starts = shard_starts(n, args.batch_size, rank, world)
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     results = []
     grid_sel = spread(sel, min(args.grid_rows, n))          # grid rows: spread over classes
@@ -635,8 +636,8 @@ def evaluate_model(model, info: dict, out: Path, args, ctx: dict, ckpt: Path) ->
                     grid = [(i, img) for i, img in zip(b, imgs) if i in grid_rows]
                     f = lg = None
                     if acc is not None:
-                        f, lg = metrics.inception_forward(as_rgb(imgs), device, ctx["weights"],
-                                                          logits=want["is"])
+                        f, lg = metrics.inception.inception_forward(
+                            as_rgb(imgs), device, ctx["weights"], logits=want["is"])
                     batch_prf = None
                     if detector is not None:
                         ref_edges = (edge[:, 0] > 0.5).cpu().numpy()

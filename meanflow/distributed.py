@@ -29,6 +29,21 @@ def launcher_rank_world() -> tuple[int, int]:
     return rank, world
 
 
+def group_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group that is up; (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_starts(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The first sample of each batch that process ``rank`` of ``world`` handles: batches of
+    ``batch_size`` over ``n`` samples dealt round-robin, so every process's share is the same
+    whatever the batch it starts from, and the union is every batch once."""
+    return list(range(0, n, batch_size))[rank::world]
+
+
 def shared_gpu_backend(env=os.environ) -> Optional[str]:
     """"gloo" when this node runs more processes than it has GPUs (several ranks then share a
     GPU, which NCCL refuses), else None: the launcher's default (NCCL on GPUs)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, ModelConfig
-from .distributed import progress
+from .distributed import progress, shard_starts
 from .images import as_rgb
 from .runtime import mix_seed
 from .sampling import sample, sample_noise, time_grid
@@ -128,7 +128,7 @@ def real_statistics(ds, sel: list[int], tag: str, weights, device, state=None,
     if hit[0]:
         return cached
     acc = metrics.StreamedStatistics(n, device=device)
-    starts = list(range(0, n, batch_size))[rank::world]
+    starts = shard_starts(n, batch_size, rank, world)
     with progress(n, "reference statistics", main=rank == 0) as bar:
         for lo in starts:
             pos = range(lo, min(n, lo + batch_size))

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meanflow import metrics  # noqa: E402
-from meanflow.distributed import finish, init_state, progress, shutdown  # noqa: E402
+from meanflow.distributed import finish, init_state, progress, shard_starts, shutdown  # noqa: E402
 from meanflow.evaluation import spread  # noqa: E402
 from meanflow.runtime import process_device  # noqa: E402
 
@@ -132,7 +132,7 @@ def compute(args, state, device: torch.device) -> tuple[Optional[dict], dict]:
     weights = metrics.fid_weights_path(args.fid_weights)
     rank, world = state.process_index, state.num_processes
     # fixed batches of positions; process r takes batches r, r + world, ... (as evaluate.py)
-    starts = list(range(0, n, args.batch_size))[rank::world]
+    starts = shard_starts(n, args.batch_size, rank, world)
     mine = [p for lo in starts for p in range(lo, min(n, lo + args.batch_size))]
     loader = torch.utils.data.DataLoader(_Positions(src, sel, mine), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=list)

