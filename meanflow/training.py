@@ -315,6 +315,19 @@ def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.
     return net, info
 
 
+def place_model(net: nn.Module, info: dict, device) -> nn.Module:
+    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
+    (building there, rather than moving, also works under a fake-tensor device)."""
+    from ._layout import repo_packages
+    with repo_packages():
+        import models
+    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
+    with torch.device(device):
+        out = models.build(mcfg)
+    out.load_state_dict(net.state_dict())
+    return out.eval()
+
+
 def strip_wrappers(state: dict) -> dict:
     """Keys of a prepared model's state (DDP's ``module.``, torch.compile's ``_orig_mod.``)
     as the bare model names them."""
