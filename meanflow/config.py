@@ -155,8 +155,9 @@ class ModelConfig:
             if levels == 0:
                 raise ConfigError("model.channel_mults: needs at least one level, got []")
             if s % 2 ** (levels - 1):
+                n = levels - 1
                 raise ConfigError(f"model.input_size={s}: the U-Net halves it "
-                                  f"{levels - 1} times (one per model.channel_mults level "
+                                  f"{n} time{'s' * (n != 1)} (one per model.channel_mults level "
                                   f"after the first): use a multiple of {2 ** (levels - 1)}")
             if self.edge_channels > 0:
                 n = self.edge_size // s if s else 0

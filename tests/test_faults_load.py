@@ -297,7 +297,7 @@ def test_run_dir_that_cannot_be_written_is_one_line(tiny, tmp_path):
     ("model.attn_resolutions=[true]", "model.attn_resolutions[0]: expected int, got bool"),
     ("train.ema_decays=[0.9,x]", "train.ema_decays[1]: expected float, got str 'x'"),
     ("train.seed=100000000000000000000000", "train.seed: must be <= 9223372036854775807"),
-    ("model.input_size=7", "model.input_size=7: the U-Net halves it 1 times"),
+    ("model.input_size=7", "model.input_size=7: the U-Net halves it 1 time "),
     ("model.edge_size=24", "model.edge_size=24: must be model.input_size=16 times a power"),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(tiny, override, says):
