@@ -799,7 +799,8 @@ def run_training(args, cfg: Config) -> int:
         persistent_workers=cfg.data.num_workers > 0)
     val = validation_batch(cfg, sess.val_data, device)
     from meanflow.codec import make_decoder
-    decoder = make_decoder(data.meta, device) if accelerator.is_main_process else None
+    decoder = (make_decoder(data.meta, device, allow_download=True)   # the default SD-VAE only
+               if accelerator.is_main_process else None)
     stop, hooks, health, meter = StopRequest(), FaultHooks(), Health(device), Meter()
     fp16, use_cl = tc.mixed_precision == "fp16", uses_channels_last(cfg, device)
     if accelerator.is_main_process:
