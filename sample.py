@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
     ap.add_argument("--device", default=None, help="default: CUDA when present, else the CPU")
+    ap.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw")
+    ap.add_argument("--vae", default=None, help="VAE folder/hub id (default: the model's, cached)")
     args = ap.parse_args(argv)
     for flag in ("steps", "num_per_input", "batch_size"):
         if getattr(args, flag) < 1:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
             img = as_pil(f, str(f))
             if not args.from_photos:
                 sketch_ink(img, str(f))
-        pipe = load_pipeline(args.ckpt, device)
+        pipe = load_pipeline(args.ckpt, device, weights=args.weights, vae=args.vae)
         labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
         if labels is not None and any(not s for s in labels):
             raise UsageError(f"--labels {args.labels!r}: an empty entry")

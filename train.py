@@ -43,9 +43,9 @@ from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa:
                                export_config, export_model, is_complete, list_checkpoints,
                                load_ema, lr_at, mark_complete, mix_seed, prune_checkpoints,
                                save_ema)
-from meanflow.rundir import (RunLock, RunLockedError, occupied, pick_checkpoint,  # noqa: E402
-                             save_failure_message, set_aside, sync_export, verify_checkpoint,
-                             write_run_config)
+from meanflow.rundir import (RunLock, RunLockedError, check_model_fits, occupied,  # noqa: E402
+                             pick_checkpoint, save_failure_message, set_aside, sync_export,
+                             verify_checkpoint, write_run_config)
 
 SAVE_FAILED = 4                          # exit code: a checkpoint could not be written
 
@@ -481,7 +481,15 @@ def load_data(cfg: Config, dry_run: bool):
 def claim_run_dir(accelerator, run_dir: Path, resume: str):
     """The run folder for this trainer alone: shared by every node, locked, and never a
     finished run overwritten by ``--resume none``. Returns the lock (main process)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SetupError(f"--run-dir {run_dir}: is a file, not a folder; pass a folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(run_dir))
+    except OSError as e:
+        raise SetupError(f"--run-dir {run_dir}: cannot be used as the run folder "
+                         f"({e.strerror or type(e).__name__}: {e.filename or run_dir})") from None
     try:
         check_shared_run_dir(accelerator, run_dir)
     except RuntimeError as e:
@@ -496,6 +504,9 @@ def claim_run_dir(accelerator, run_dir: Path, resume: str):
             atexit.register(lock.release)
         except RunLockedError as e:
             problem = str(e)
+        except OSError as e:                  # a read-only folder or file system
+            problem = (f"--run-dir {run_dir}: cannot be used as the run folder "
+                       f"({e.strerror or type(e).__name__}: {e.filename or lock.path})")
         if problem is None and resume == "none" and occupied(run_dir):
             problem = (f"--resume none into {run_dir}, which holds "
                        f"{', '.join(occupied(run_dir))}: training afresh there would overwrite "
@@ -508,7 +519,21 @@ def claim_run_dir(accelerator, run_dir: Path, resume: str):
 
 def resume(sess: Session, how: str) -> int:
     """Load the checkpoint ``how`` names (auto: the newest one whose files all load; others
-    are set aside with a warning) and return its step (0 when there is none)."""
+    are set aside with a warning) and return its step (0 when there is none). Only then is
+    anything of the run folder changed: RUN/config.yaml and the trackers' files (a resume
+    that fails leaves the folder as it was)."""
+    step = load_checkpoint(sess, how)
+    if sess.accelerator.is_main_process:
+        write_run_config(sess.run_dir, sess.cfg, print)
+    try:
+        start_trackers(sess.accelerator, sess.cfg, sess.run_dir)
+    except ConfigError as e:
+        raise SetupError(e) from None
+    return step
+
+
+def load_checkpoint(sess: Session, how: str) -> int:
+    """The model, optimizer, RNG and EMA state of the checkpoint ``how`` names; its step."""
     acc = sess.accelerator
     if how == "none":
         return 0
@@ -524,6 +549,9 @@ def resume(sess: Session, how: str) -> int:
                 raise CheckpointError(f"{path} is not a complete checkpoint")
             verify_checkpoint(path)
         if path is not None:
+            # the shapes first: a config of another width is one line, not torch's list
+            check_model_fits(path, acc.unwrap_model(sess.model), to_dict(sess.cfg.model),
+                             sess.run_dir / "config.yaml")
             acc.load_state(str(path))
             load_ema(path, sess.ema)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
@@ -575,7 +603,10 @@ def build_session(args, cfg: Config) -> Optional[Session]:
 
     import models
     torch.manual_seed(tc.seed)                                  # identical init on every rank
-    model = models.build(cfg.model)
+    try:
+        model = models.build(cfg.model)
+    except ValueError as e:                  # a shape the backbone cannot take
+        raise SetupError(f"model.* ({cfg.model.name}): {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
         if accelerator.is_main_process:
@@ -589,16 +620,12 @@ def build_session(args, cfg: Config) -> Optional[Session]:
         return None
 
     lock = claim_run_dir(accelerator, run_dir, args.resume)
-    if accelerator.is_main_process:
-        write_run_config(run_dir, cfg, print)
-    try:
-        start_trackers(accelerator, cfg, run_dir)
-    except ConfigError as e:
-        raise SetupError(e) from None
+    # RUN/config.yaml and the trackers are written by resume(), once it has succeeded
     if tc.init_from and not list_checkpoints(run_dir / "checkpoints"):
         from meanflow.warmstart import WarmStartError, init_from
         try:
-            accelerator.print(init_from(model, tc.init_from))
+            accelerator.print(init_from(model, tc.init_from, tc.init_weights,
+                                        to_dict(cfg.model)))
         except WarmStartError as e:
             raise SetupError(e) from None
     teacher = None
@@ -655,7 +682,8 @@ def run_training(args, cfg: Config) -> int:
         persistent_workers=cfg.data.num_workers > 0)
     val = validation_batch(cfg, sess.val_data, device)
     from meanflow.codec import make_decoder
-    decoder = make_decoder(data.meta, device) if accelerator.is_main_process else None
+    decoder = (make_decoder(data.meta, device, allow_download=True)   # the default SD-VAE only
+               if accelerator.is_main_process else None)
     stop, hooks, health, meter = StopRequest(), FaultHooks(), Health(device), Meter()
     fp16, use_cl = tc.mixed_precision == "fp16", uses_channels_last(cfg, device)
     if accelerator.is_main_process:

@@ -21,11 +21,12 @@ _HOMES = {
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 
 
-def load_pipeline(path, device=None):
+def load_pipeline(path, device=None, **kwargs):
     """A trained model as a function of edge maps, sketches, photos or labels
-    (meanflow/pipeline.py). Imported on first use: it loads OpenCV and the edge detectors."""
+    (meanflow/pipeline.py; ``weights``, ``vae``, ``allow_download`` are explained there).
+    Imported on first use: it loads OpenCV and the edge detectors."""
     from .pipeline import load_pipeline as load
-    return load(path, device)
+    return load(path, device, **kwargs)
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 VAE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"   # the one hub id allow_download=True may fetch
 
 
 class CodecError(ValueError):
@@ -66,7 +67,8 @@ class VAECodec:
             kwargs["subfolder"] = "vae"                    # a whole diffusers pipeline folder
         tdtype = getattr(torch, VAE_DTYPES[dtype])
         try:
-            vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype, **kwargs)
+            vae = AutoencoderKL.from_pretrained(name_or_path, torch_dtype=tdtype,
+                                                use_safetensors=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
             offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
             if offline:
@@ -126,8 +128,53 @@ def latent_scale(meta: dict[str, Any]) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
-def make_decoder(meta: dict, device) -> Callable[[Any], Any]:
-    """A function torch [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1], in fp32."""
+def load_decoder_vae(meta: dict, vae: Optional[str] = None, allow_download: bool = False):
+    """The AutoencoderKL that decodes a model's latents, without fetching what nobody asked
+    for. ``vae`` (a folder or hub id the caller names) wins over the one the model's metadata
+    records; a recorded hub id is read from the local cache only (a received model folder
+    must not make this process download a repository of its choosing), except the default
+    SD-VAE (DEFAULT_VAE) when ``allow_download``. Safetensors weights only."""
+    from diffusers import AutoencoderKL
+
+    from .edges import hub_failure, looks_like_path
+    name = str(vae) if vae is not None else str(meta.get("vae") or "")
+    if not name:
+        raise CodecError("the model's metadata names no VAE (dataset_meta.vae): pass vae= "
+                         "(sample.py --vae) with the VAE it was trained with")
+    where = "vae=" if vae is not None else "the model's VAE (dataset_meta.vae)"
+    p = Path(name).expanduser()
+    if not p.is_dir() and looks_like_path(name):
+        raise CodecError(f"{where} {name}: no such folder; pass vae= (sample.py --vae) with "
+                         f"a local folder or hub id of the VAE")
+    kwargs: dict = dict(use_safetensors=True)
+    if p.is_dir():
+        name = str(p)
+        if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+            kwargs["subfolder"] = "vae"                    # a whole diffusers pipeline folder
+    else:
+        named = vae is not None or (allow_download and name == DEFAULT_VAE)
+        kwargs["local_files_only"] = not named
+    try:
+        return AutoencoderKL.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - hub, file and config errors alike
+        if kwargs.get("local_files_only"):
+            how = (f"vae={name!r} or allow_download=True (sample.py --vae {name})"
+                   if name == DEFAULT_VAE else f"vae={name!r} (sample.py --vae {name}) if you "
+                   f"trust that repository, or a local folder")
+            raise CodecError(f"{where} {name} is not in the local cache, and loading a model "
+                             f"downloads nothing it was not told to: pass {how}") from None
+        offline = hub_failure("--vae", name, e, "the AutoencoderKL")
+        if offline:
+            raise CodecError(offline) from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CodecError(f"{where} {name}: cannot load an AutoencoderKL: {msg}") from None
+
+
+def make_decoder(meta: dict, device, vae: Optional[str] = None,
+                 allow_download: bool = False) -> Callable[[Any], Any]:
+    """A function torch [B, C, h, w] (model space) -> [B, 3, H, W] RGB in [-1, 1], in fp32.
+    ``vae`` / ``allow_download``: see :func:`load_decoder_vae` (nothing is downloaded unless
+    asked for)."""
     import torch
     codec = meta.get("codec", "pixel")
     if codec == "pixel":
@@ -137,9 +184,7 @@ def make_decoder(meta: dict, device) -> Callable[[Any], Any]:
         return dec
     if codec != "sd-vae":
         raise ValueError(f"unknown codec {codec!r} in the dataset metadata")
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(meta["vae"]).to(device).eval()
+    vae = load_decoder_vae(meta, vae, allow_download).to(device).eval()
     scale = float(meta["scaling_factor"])
     shift = float(meta.get("shift_factor") or 0.0)
 

@@ -124,10 +124,10 @@ class ModelConfig:
     num_classes: int = _f(0, lo=0, doc="number of class labels (0 = no class input)")
     # U-Net
     base_channels: int = _f(128, lo=1, doc="U-Net: channels of the first level")
-    channel_mults: list = _f([1, 2, 4], doc="U-Net: channel multiplier of each level "
+    channel_mults: list[int] = _f([1, 2, 4], doc="U-Net: channel multiplier of each level "
                                              "(one level per entry, halving the size)")
     num_res_blocks: int = _f(2, lo=1, doc="U-Net: residual blocks per level")
-    attn_resolutions: list = _f([8], doc="U-Net: feature sizes that get self-attention")
+    attn_resolutions: list[int] = _f([8], doc="U-Net: feature sizes that get self-attention")
     dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="dropout probability")
     time_embed: str = _f("sum", choices=("sum", "concat"),
                          doc="how the t and t-r embeddings combine")
@@ -145,6 +145,36 @@ class ModelConfig:
     grad_checkpointing: bool = _f(False, doc="SiT: recompute each block's activations in the "
                                              "backward pass (less memory, ~1/3 more compute); "
                                              "the no-grad JVP pass is unaffected")
+
+    def validate(self) -> None:
+        """The sizes the backbone can take, named by key (the network would refuse them
+        later, in its own words)."""
+        s = self.input_size
+        if self.name == "unet":
+            levels = len(self.channel_mults)
+            if levels == 0:
+                raise ConfigError("model.channel_mults: needs at least one level, got []")
+            if s % 2 ** (levels - 1):
+                n = levels - 1
+                raise ConfigError(f"model.input_size={s}: the U-Net halves it "
+                                  f"{n} time{'s' * (n != 1)} (one per model.channel_mults level "
+                                  f"after the first): use a multiple of {2 ** (levels - 1)}")
+            if self.edge_channels > 0:
+                n = self.edge_size // s if s else 0
+                if n < 1 or n * s != self.edge_size or n & (n - 1):
+                    raise ConfigError(f"model.edge_size={self.edge_size}: must be model."
+                                      f"input_size={s} times a power of 2 (1, 2, 4, ...)")
+            return
+        m = re.fullmatch(r"SiT-\w+/(\d+)", self.name)
+        if m:
+            p = int(m.group(1))
+            if s % p:
+                raise ConfigError(f"model.input_size={s}: not a multiple of the patch size "
+                                  f"{p} of model.name={self.name}")
+            if self.edge_channels > 0 and (self.edge_size <= 0 or (self.edge_size * p) % s):
+                raise ConfigError(f"model.edge_size={self.edge_size}: does not map onto the "
+                                  f"{s // p}x{s // p} token grid of model.name={self.name} "
+                                  f"(edge_size x {p} must be a multiple of input_size {s})")
 
 
 @dataclass
@@ -178,7 +208,7 @@ class TrainConfig:
                                "which other jobs on the machine barely move: for comparisons "
                                "at equal compute on a shared machine")
     lr: float = _f(1e-4, lo=0.0, lo_open=True, doc="AdamW learning rate (after warm-up)")
-    betas: list = _f([0.9, 0.95], doc="AdamW betas")
+    betas: list[float] = _f([0.9, 0.95], doc="AdamW betas")
     weight_decay: float = _f(0.0, lo=0.0, doc="AdamW weight decay")
     warmup_steps: int = _f(0, lo=0, doc="linear learning-rate warm-up, optimizer steps")
     schedule: str = _f("constant", choices=("constant", "cosine"),
@@ -206,9 +236,10 @@ class TrainConfig:
                                        "checkpoint steps read it too")
     debug_checks: bool = _f(False, doc="check input values (finite, times in [0, 1]) at every "
                                        "step, not only the first: each check waits for the GPU")
-    ema_decays: list = _f([0.999], doc="one EMA of the weights per decay; the first is "
+    ema_decays: list[float] = _f([0.999], doc="one EMA of the weights per decay; the first is "
                                        "exported")
-    seed: int = _f(0, lo=0, doc="seed of the initialisation, data order and every draw")
+    seed: int = _f(0, lo=0, hi=2**63 - 1,
+                   doc="seed of the initialisation, data order and every draw")
     log_every: int = _f(50, lo=1, doc="scalars to the tracker and metrics.csv every N steps")
     log_with: str = _f("tensorboard", choices=("tensorboard", "wandb", "mlflow", "aim",
                                                "comet_ml", "none"),
@@ -225,6 +256,9 @@ class TrainConfig:
                                 "of this project (e.g. a flow-matching run), or an official "
                                 "DiT/SiT state dict (.pt/.pth/.safetensors); '' = random init. "
                                 "A resumed run ignores it")
+    init_weights: str = _f("ema", choices=("ema", "raw"),
+                           doc="what train.init_from takes from a checkpoint of this project: "
+                               "its first EMA, or its raw training weights")
 
 
 @dataclass
@@ -284,10 +318,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is list or origin is list:
         if isinstance(value, (list, tuple)):
-            return list(value)
+            item = (typing.get_args(tp) or (None,))[0]
+            if item is None:
+                return list(value)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     else:  # pragma: no cover - only the types above are used in the tree
         raise ConfigError(f"{key}: unsupported annotation {tp}")
-    name = getattr(tp, "__name__", str(tp))
+    name = str(tp) if typing.get_args(tp) else getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
 
 
@@ -430,7 +467,7 @@ def config_help(width: int = 100) -> str:
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             tp = hints[f.name]
-            tname = getattr(tp, "__name__", str(tp))
+            tname = str(tp) if typing.get_args(tp) else getattr(tp, "__name__", str(tp))
             rng = _describe_range(f.metadata)
             text = f"{sec.name}.{f.name}={getattr(obj, f.name)!r}  ({tname}" + (
                 f"; {rng})" if rng else ")")

@@ -185,8 +185,11 @@ def hub_failure(flag: str, name: str, e: BaseException, what: str) -> Optional[s
             f"--local-dir DIR`), then pass the local folder: {flag} /path/to/folder")
 
 
-def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cpu") -> Any:
-    """controlnet-aux detector via its own ``from_pretrained(hub id or local folder)``."""
+def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cpu",
+                   local_only: bool = False) -> Any:
+    """controlnet-aux detector via its own ``from_pretrained(hub id or local folder)``
+    (its weights are .pth files, read by torch.load, which defaults to weights_only=True).
+    ``local_only``: a hub id is read from the local cache only, never downloaded."""
     if name not in ANNOTATOR_FILES:
         raise EdgeConfigError(f"--edges {name!r} is not an annotator ({list(ANNOTATOR_FILES)})")
     if os.path.isdir(annotators):
@@ -205,11 +208,19 @@ def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cp
                 from controlnet_aux.pidi import PidiNetDetector as cls
             else:
                 from controlnet_aux.hed import HEDdetector as cls
-            det = cls.from_pretrained(annotators)   # (it passes arguments hf_hub deprecates)
+            # (it passes arguments hf_hub deprecates)
+            det = (cls.from_pretrained(annotators, local_files_only=True) if local_only
+                   else cls.from_pretrained(annotators))
     except ImportError as e:
         raise EdgeConfigError(f"--edges {name} needs controlnet-aux (pip install "
                               f"controlnet-aux): {e}") from None
     except Exception as e:  # noqa: BLE001 - hub, file and state-dict errors all end here
+        if local_only and not os.path.isdir(annotators):
+            raise EdgeConfigError(
+                f"--edges {name}: the model's annotator repository {annotators} is not in the "
+                f"local cache, and loading a model downloads nothing it was not told to: "
+                f"pass annotators= (a local folder) or allow_download=True for "
+                f"{ANNOTATORS_ID}") from None
         offline = hub_failure("--annotators", annotators, e, ANNOTATOR_FILES[name])
         if offline:
             raise EdgeConfigError(f"--edges {name}: {offline}") from None
@@ -223,7 +234,7 @@ def build_detector(name: str, size: int, *, levels: Optional[int] = None,
                    close: Optional[int] = None, canny_low: float = CANNY_LOW,
                    canny_high: float = CANNY_HIGH, canny_sigma: Optional[float] = None,
                    annotators: str = ANNOTATORS_ID, safe: bool = True,
-                   device: str = "cpu") -> Optional[EdgeDetector]:
+                   device: str = "cpu", local_only: bool = False) -> Optional[EdgeDetector]:
     """The detector for ``--edges name`` (None for 'none'); unset levels/close take the
     per-detector defaults."""
     if name == "none":
@@ -235,19 +246,27 @@ def build_detector(name: str, size: int, *, levels: Optional[int] = None,
     cl = DEFAULTS[name]["close"] if close is None else close
     if name == "canny":
         return CannyEdges(size, lv, cl, canny_low, canny_high, canny_sigma)
-    return AnnotatorEdges(name, load_annotator(name, annotators, device), size, lv, cl, safe,
-                          annotators)
+    return AnnotatorEdges(name, load_annotator(name, annotators, device, local_only), size,
+                          lv, cl, safe, annotators)
 
 
-def detector_from_meta(meta: dict[str, Any], device: str = "cpu") -> Optional[EdgeDetector]:
+def detector_from_meta(meta: dict[str, Any], device: str = "cpu",
+                       annotators: Optional[str] = None,
+                       allow_download: bool = False) -> Optional[EdgeDetector]:
     """Rebuild the detector a dataset was cached with (e.g. to measure how well generated
-    images reproduce their input edges). Input: uint8 RGB at ``meta['edge_size']``."""
+    images reproduce their input edges). Input: uint8 RGB at ``meta['edge_size']``.
+
+    The metadata may come with a model someone sent: the annotator repository it records is
+    read from the local cache only, unless the caller names one (``annotators``) or lets the
+    default one (ANNOTATORS_ID) be downloaded (``allow_download``)."""
     name = meta.get("edges", "none")
     if name == "none":
         return None
     s = meta.get("edge_settings") or {}
+    recorded = str(s.get("annotators", ANNOTATORS_ID))
+    local_only = annotators is None and not (allow_download and recorded == ANNOTATORS_ID)
     return build_detector(name, int(meta["edge_size"]), levels=s.get("levels"),
                           close=s.get("close"), canny_low=s.get("low", CANNY_LOW),
                           canny_high=s.get("high", CANNY_HIGH), canny_sigma=s.get("sigma"),
-                          annotators=s.get("annotators", ANNOTATORS_ID),
-                          safe=s.get("safe", True), device=device)
+                          annotators=annotators or recorded, safe=s.get("safe", True),
+                          device=device, local_only=local_only)

@@ -69,14 +69,21 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
 
 def open_image(path: str | Path, max_pixels: Optional[int] = None) -> Image.Image:
     """Open and fully decode an image file. Raises on truncated, corrupt, non-image and
-    zero-byte files, and on decompression bombs (PIL's warning is turned into an error)."""
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.load()                       # decode now: truncation surfaces here, not later
-            img = im.copy()
+    zero-byte files, and on decompression bombs (PIL's warning is turned into an error).
+
+    ``max_pixels`` is PIL's own limit for this call only: the process-wide
+    ``Image.MAX_IMAGE_PIXELS`` is put back afterwards, whatever happens."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        if max_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()                   # decode now: truncation surfaces here, not later
+                img = im.copy()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     try:
         img = ImageOps.exif_transpose(img)  # camera photos are stored rotated
     except Exception:  # noqa: BLE001 - a broken EXIF block should not cost the image

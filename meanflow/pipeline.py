@@ -140,6 +140,14 @@ def sketch_to_edge(img: Image.Image, size: int, levels: int, close: int,
     edge = np.where(keep, 255, 0).astype(np.uint8)
     edge = close_gaps(quantize(edge, levels), close)
     if not edge.any():
+        h, w = ink.shape
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        if not ink[top:top + s, left:left + s].any():
+            raise InputError(f"{name}: every stroke lies outside the centre square that the "
+                             f"model sees ({w}x{h} is centre-cropped to {s}x{s}): the crop "
+                             f"cuts them off; move them to the middle or crop the image "
+                             f"square yourself")
         raise InputError(f"{name}: no stroke is left at the model's {size}x{size} edge size "
                          f"(the strokes are too small or too faint)")
     return (edge.astype(np.float32) / 255.0)[None]
@@ -152,8 +160,12 @@ class Pipeline:
     """A loaded model with its codec and edge settings. Call it to generate images."""
 
     def __init__(self, model: torch.nn.Module, info: dict, device: torch.device,
-                 source: Optional[Path] = None):
+                 source: Optional[Path] = None, vae: Optional[str] = None,
+                 allow_download: bool = False):
         self.model, self.info, self.device, self.source = model, info, device, source
+        # the VAE to decode with (None: the one the model records, from the local cache
+        # only) and whether the default SD-VAE / edge annotators may be downloaded
+        self.vae, self.allow_download = vae, allow_download
         self.mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
         self.dcfg: DataConfig = from_dict(info["data"], cls=DataConfig)
         self.meta: dict = info.get("dataset_meta") or {}
@@ -181,7 +193,8 @@ class Pipeline:
             if self.meta.get("edges", "none") == "none":
                 raise InputError(f"{name}: the model's data records no edge detector, so a "
                                  f"photo cannot be turned into its edges; give an edge map")
-            self._detector = detector_from_meta(self.meta, str(self.device))
+            self._detector = detector_from_meta(self.meta, str(self.device),
+                                                allow_download=self.allow_download)
         channels = int(self.meta.get("channels", 3))
         arr = prepare_image(to_rgb(as_pil(x, name)), self.mcfg.edge_size,
                             channels if channels in (1, 3) else 3)
@@ -196,6 +209,9 @@ class Pipeline:
             raise InputError(f"label {label!r}: this model is not class-conditional "
                              f"(it takes edge maps)")
         n = self.mcfg.num_classes
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (str, int, np.integer)):
+            raise InputError(f"label {label!r}: not a class index or name (give an integer "
+                             f"0..{n - 1} or one of {self.class_names})")
         if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
             low = [c.lower() for c in self.class_names]
             if label.strip().lower() not in low:
@@ -216,7 +232,8 @@ class Pipeline:
     @property
     def decode(self):
         if self._decode is None:
-            self._decode = make_decoder(self.meta, self.device)
+            self._decode = make_decoder(self.meta, self.device, vae=self.vae,
+                                        allow_download=self.allow_download)
         return self._decode
 
     @torch.no_grad()
@@ -306,12 +323,26 @@ class Pipeline:
         save_file(state, str(out / "model.safetensors.tmp"),
                   metadata={"step": str(self.info.get("step"))})
         os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-        info = dict(self.info)
+        info = neutral_paths(dict(self.info))
         info.setdefault("evaluation", find_results(self.source))
         (out / (EXPORT_CONFIG + ".tmp")).write_text(json.dumps(info, indent=2, default=str))
         os.replace(out / (EXPORT_CONFIG + ".tmp"), out / EXPORT_CONFIG)
         (out / MODEL_CARD).write_text(model_card(info))
         return out
+
+
+def neutral_paths(obj: Any, key: str = "") -> Any:
+    """``obj`` with every absolute local path (a string) replaced by its last part (the
+    last two for data.path / data.val_path, e.g. ``afhq/train``): a saved folder that is
+    sent on names no folder of this machine."""
+    if isinstance(obj, dict):
+        return {k: neutral_paths(v, f"{key}.{k}" if key else k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [neutral_paths(v, key) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        keep = 2 if key in ("data.path", "data.val_path") else 1
+        return "/".join(Path(obj).parts[1:][-keep:])
+    return obj
 
 
 def _name(x: Any, fallback: str) -> str:
@@ -376,9 +407,16 @@ def model_card(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_pipeline(path: str | os.PathLike, device=None) -> Pipeline:
+def load_pipeline(path: str | os.PathLike, device=None, *, weights: str = "ema",
+                  vae: Optional[str] = None, allow_download: bool = False) -> Pipeline:
     """A :class:`Pipeline` from a run folder (with export/), an export or saved folder, or a
-    checkpoint; ``device`` defaults to the process's (CUDA when present, else the CPU)."""
+    checkpoint; ``device`` defaults to the process's (CUDA when present, else the CPU).
+
+    ``weights``: "ema" (a checkpoint's first EMA; exports hold it) or "raw" (a checkpoint's
+    training weights, only when asked). Nothing is downloaded that the caller did not name:
+    the VAE the model records is read from the local cache, unless ``vae`` names one (a folder
+    or hub id) or ``allow_download`` lets the default SD-VAE and edge annotators come from
+    the hub."""
     dev = process_device(device)
-    model, info = load_model(path, dev)
-    return Pipeline(model, info, dev, Path(path))
+    model, info = load_model(path, dev, weights=weights)
+    return Pipeline(model, info, dev, Path(path), vae=vae, allow_download=allow_download)

@@ -28,7 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
-                       CheckpointError, checkpoint_step, list_checkpoints)
+                       CheckpointError, checkpoint_step, config_diff, list_checkpoints,
+                       shape_mismatch, strip_wrappers)
 
 LOCK_FILE = ".lock"
 CORRUPT_SUFFIX = ".corrupt"        # a skipped checkpoint is renamed to step_XXXXXXX.corrupt
@@ -150,6 +151,30 @@ def verify_checkpoint(path: Path) -> None:
             check_file(f)
 
 
+def check_model_fits(ckpt: Path, model, model_cfg: dict, run_config: Path) -> None:
+    """Raise :class:`CheckpointError` (one line) unless the model weights of checkpoint
+    ``ckpt`` fit ``model`` (the bare network): the shapes are read from the safetensors
+    header, before anything is loaded. The line names the first keys that differ and the
+    ``model.*`` settings of the checkpoint's own config that differ from ``model_cfg``."""
+    f = Path(ckpt) / MODEL_FILE
+    try:
+        with safe_open(str(f), "pt") as s:
+            have = strip_wrappers({k: s.get_slice(k).get_shape() for k in s.keys()})
+    except Exception as e:  # noqa: BLE001 - verify_checkpoint has opened it already
+        raise CheckpointError(f"{f}: cannot be loaded ({_first_line(e)})") from None
+    bad = shape_mismatch(have, model.state_dict())
+    if bad is None:
+        return
+    try:
+        theirs = json.loads((Path(ckpt) / EXPORT_CONFIG).read_text())["model"]
+        diff = config_diff(theirs, model_cfg)
+    except Exception:  # noqa: BLE001 - an older checkpoint without its config
+        diff = []
+    hint = (f"it was trained with {', '.join(diff[:4])}" if diff else
+            f"check model.* against {run_config}")
+    raise CheckpointError(f"checkpoint {ckpt} does not fit the model: {bad}; {hint}")
+
+
 def pick_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]
                     ) -> tuple[Optional[Path], list[Path]]:
     """The newest complete checkpoint of ``ckpt_dir`` whose files all load, and the newer
@@ -216,11 +241,7 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
         return None
     # accelerate saves the prepared model as it is wrapped: DDP's "module." (and a compiled
     # model's "_orig_mod.") prefix the keys; the export holds the bare model's
-    state = {}
-    for k, v in load_file(str(Path(ckpt) / MODEL_FILE)).items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        state[k] = v
+    state = strip_wrappers(load_file(str(Path(ckpt) / MODEL_FILE)))
     ema_file = Path(ckpt) / EMA_FILE
     if ema_file.is_file():
         ema0 = {k[2:]: v for k, v in load_file(str(ema_file)).items() if k.startswith("0.")}

@@ -287,18 +287,29 @@ def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dic
     export_config(out_dir, cfg, dataset_meta, step, ema_decay)
 
 
-def load_model(path: str | Path, device=None) -> tuple[nn.Module, dict]:
+WEIGHTS = ("ema", "raw")       # what load_model reads from a checkpoint
+CHECKPOINT_FILES = ("optimizer.bin", COMPLETE, EMA_FILE, LEGACY_EMA_FILE, "random_states_0.pkl")
+CKPT_DIR_RE = re.compile(r"^step_\d+(\.tmp|\.corrupt)?$")
+
+
+def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.Module, dict]:
     """(network in eval mode on ``device``, its export info) from an export or saved pipeline
-    folder, a run folder containing ``export/``, or a checkpoint (``RUN/checkpoints/step_N``:
-    its first EMA). The one way to load a trained model; ``device`` defaults to the process's
-    (``runtime.process_device``: cuda:LOCAL_RANK when CUDA is available, else the CPU).
+    folder, a run folder containing ``export/``, or a complete checkpoint
+    (``RUN/checkpoints/step_N``: its first EMA). The one way to load a trained model; ``device``
+    defaults to the process's (``runtime.process_device``: cuda:LOCAL_RANK when CUDA is
+    available, else the CPU).
+
+    ``weights="raw"`` loads a checkpoint's training weights instead of its EMA (said on
+    stderr, and recorded as ``info["weights"]``); it is never chosen silently: a checkpoint
+    without its COMPLETE marker, an unfinished ``step_N.tmp`` save, or one without
+    ``ema.safetensors`` is refused, one line naming what is missing.
 
     The files are read and checked on the CPU; the network is then built on ``device`` itself
     and the weights copied in (:func:`place_model`), so no process's weights pass through
     cuda:0."""
     from .runtime import process_device
     dev = process_device(device)
-    net, info = load_export(path, "cpu")
+    net, info = load_export(path, "cpu", weights=weights)
     if dev.type != "cpu":
         net = place_model(net, info, dev)
     return net, info
@@ -317,18 +328,86 @@ def place_model(net: nn.Module, info: dict, device) -> nn.Module:
     return out.eval()
 
 
-def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+def strip_wrappers(state: dict) -> dict:
+    """Keys of a prepared model's state (DDP's ``module.``, torch.compile's ``_orig_mod.``)
+    as the bare model names them."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def shape_mismatch(have: dict, want: dict) -> Optional[str]:
+    """None when ``have`` (name -> tensor or shape) fits ``want``; else one line: how many
+    keys differ in shape (with the first), are missing or unexpected."""
+    shape = lambda v: list(getattr(v, "shape", v))           # noqa: E731
+    wrong = [k for k in want if k in have and shape(have[k]) != shape(want[k])]
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    if not (wrong or missing or extra):
+        return None
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} key{'s' * (len(wrong) != 1)} differ in shape, e.g. {k} "
+                     f"{shape(have[k])} vs {shape(want[k])}")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    return "; ".join(parts)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "model.") -> list[str]:
+    """``prefix+key=<a> (here <b>)`` for each key whose value differs between two dicts."""
+    return [f"{prefix}{k}={a[k]!r} (here {b[k]!r})" for k in b if k in a and a[k] != b[k]]
+
+
+def _checkpoint_weights(p: Path, weights: str) -> Path:
+    """The weights file of checkpoint folder ``p`` for ``weights``, or a one-line refusal."""
+    if p.name.endswith(".tmp"):
+        raise CheckpointError(f"{p}: an unfinished checkpoint save (step_N.tmp, interrupted "
+                              f"before its rename): not loaded; use a complete checkpoint "
+                              f"of {p.parent} or the run's export")
+    if not is_complete(p):
+        raise CheckpointError(f"{p}: no {COMPLETE} marker, so not a complete checkpoint (an "
+                              f"interrupted save): not loaded; use a complete checkpoint or "
+                              f"the run's export")
+    if weights == "raw":
+        return p / "model.safetensors"
+    if (p / EMA_FILE).is_file():
+        return p / EMA_FILE
+    if (p / LEGACY_EMA_FILE).is_file():
+        return p / LEGACY_EMA_FILE
+    raise CheckpointError(f"{p}: no {EMA_FILE} (the checkpoint's EMA weights): not loaded; "
+                          f"to use its raw training weights instead, ask for them "
+                          f"(weights='raw', sample.py --weights raw)")
+
+
+def load_export(path: str | Path, device="cpu", weights: str = "ema") -> tuple[nn.Module, dict]:
     """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
     inference) into a network built on the CPU, then moved to ``device``."""
     from ._layout import repo_packages
     with repo_packages():
         import models
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose one of {list(WEIGHTS)}")
     p = Path(path)
     if (p / EXPORT_DIR / EXPORT_CONFIG).is_file():
         p = p / EXPORT_DIR
-    checkpoint = is_complete(p) and (p / EMA_FILE).is_file()
-    cfg_file, w_file = p / EXPORT_CONFIG, p / (EMA_FILE if checkpoint else "model.safetensors")
+    checkpoint = (p.is_dir() and (CKPT_DIR_RE.match(p.name) is not None
+                                  or any((p / f).exists() for f in CHECKPOINT_FILES)))
+    if checkpoint:
+        w_file = _checkpoint_weights(p, weights)
+    elif weights == "raw":
+        raise ValueError(f"{p}: an export holds the EMA weights only; the raw training "
+                         f"weights are in a checkpoint (RUN/checkpoints/step_N)")
+    else:
+        w_file = p / "model.safetensors"
+    cfg_file = p / EXPORT_CONFIG
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected an export folder written by "
@@ -339,15 +418,33 @@ def load_export(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
         mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
     except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
         raise ValueError(f"{cfg_file}: not a valid model config: {e}") from None
-    net = models.build(mcfg)
     try:
-        state = load_file(str(w_file))
+        net = models.build(mcfg)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: its model config does not build: {e}") from None
+    try:
+        state = (torch.load(w_file, map_location="cpu", weights_only=True)
+                 if w_file.name == LEGACY_EMA_FILE else load_file(str(w_file)))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{w_file}: cannot read safetensors weights: {e}") from None
-    if checkpoint:              # EMA keys are "<index>.<parameter>"; the export is EMA 0
-        state = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{w_file} does not match the model in {cfg_file}: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if checkpoint and weights == "ema":   # EMA keys are "<index>.<parameter>"; EMA 0 is used
+        ema0 = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
+        # the EMA covers the parameters; buffers come from the checkpoint's model weights
+        own = net.state_dict()
+        buffers = {k for k in own if k not in dict(net.named_parameters())}
+        if buffers and (p / "model.safetensors").is_file():
+            raw = strip_wrappers(load_file(str(p / "model.safetensors")))
+            ema0.update({k: raw[k] for k in buffers if k in raw})
+        state = ema0
+    elif checkpoint:
+        state = strip_wrappers(state)
+    bad = shape_mismatch(state, net.state_dict())
+    if bad:
+        raise ValueError(f"{w_file} does not fit the model in {cfg_file}: {bad}")
+    net.load_state_dict(state)
+    info["weights"] = "raw" if weights == "raw" else info.get("weights", "ema")
+    if weights == "raw":
+        import sys
+        print(f"note: {p}: using its RAW training weights (weights='raw'), not the EMA",
+              file=sys.stderr, flush=True)
     return net.to(device).eval(), info

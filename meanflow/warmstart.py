@@ -16,11 +16,13 @@ Decoupled MeanFlow (Lee et al. 2025) and zhuyu-cs/MeanFlow fine-tune flow models
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from .training import EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, is_complete, load_model
+from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, config_diff, is_complete,
+                       load_model, shape_mismatch)
 
 DIT_RENAMES = (("t_embedder.", "cond.t_embedder."),
                ("y_embedder.embedding_table.", "cond.y_embedder."))
@@ -78,8 +80,11 @@ def map_dit_keys(state: dict, model: nn.Module) -> dict:
     return out
 
 
-def init_from(model: nn.Module, source: str | Path) -> str:
-    """Load ``source`` into ``model`` in place; returns a one-line description."""
+def init_from(model: nn.Module, source: str | Path, weights: str = "ema",
+              model_cfg: Optional[dict] = None) -> str:
+    """Load ``source`` into ``model`` in place; returns a one-line description. ``weights``:
+    a checkpoint's first EMA ("ema") or its raw training weights ("raw", train.init_weights);
+    ``model_cfg`` (the run's model.* settings) lets a mismatch name the settings that differ."""
     p = Path(source)
     if not p.exists():
         raise WarmStartError(f"train.init_from={source}: no such file or folder")
@@ -88,17 +93,19 @@ def init_from(model: nn.Module, source: str | Path) -> str:
             raise WarmStartError(f"train.init_from={source}: a folder must be an export, a run "
                                  f"folder or a checkpoint of this project")
         try:
-            net, info = load_model(p, "cpu")
+            net, info = load_model(p, "cpu", weights=weights)
         except (FileNotFoundError, ValueError) as e:
             raise WarmStartError(f"train.init_from={source}: {e}") from None
         state = net.state_dict()
-        ours = model.state_dict()
-        bad = [k for k in ours if k not in state or state[k].shape != ours[k].shape]
-        if bad or set(state) - set(ours):
+        bad = shape_mismatch(state, model.state_dict())
+        diff = config_diff(info.get("model") or {}, model_cfg or {})[:4]
+        if bad:
             raise WarmStartError(f"train.init_from={source}: its model does not match this "
-                                 f"config's (differs at {bad[:3] or sorted(set(state) - set(ours))[:3]})")
+                                 f"config's: {bad}" + (f"; it was trained with {', '.join(diff)}"
+                                                        if diff else ""))
         model.load_state_dict(state)
-        return f"initialised from {source} (step {info.get('step')})"
+        return (f"initialised from {source} (step {info.get('step')}, "
+                f"{info.get('weights', 'ema')} weights)")
     state = map_dit_keys(read_state_dict(p), model)
     ours = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items()
