@@ -121,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="only compute and cache the reference statistics, then exit")
     ap.add_argument("--device", default=None,
                     help="default: cuda:LOCAL_RANK when CUDA is available, else the CPU")
+    ap.add_argument("--weights", default="ema", choices=("ema", "raw"),
+                    help="a checkpoint's EMA (default) or, only when asked, its raw training "
+                         "weights (stated in the output)")
+    ap.add_argument("--vae", default=None,
+                    help="the SD-VAE for decoding (a folder or hub id you name); default: the "
+                         "dataset's, from the local cache, or the standard SD-VAE")
     return ap.parse_args(argv)
 
 
@@ -327,7 +333,7 @@ def run_evaluation(argv=None) -> int:
         ckpts = expand_ckpts(args.ckpt)
         curve = len(ckpts) > 1 or ckpts != [Path(c) for c in args.ckpt]  # several, or a folder
         state = init_state(device)
-        model, info = load_model(ckpts[0], device)
+        model, info = load_model(ckpts[0], device, weights=args.weights)
         ds, sel, dcfg, mcfg = resolve(args, info)
         ref_file, ref_stats = None, None
         if args.ref_stats is not None:
@@ -346,6 +352,14 @@ def run_evaluation(argv=None) -> int:
         # the Inception weights are loaded (and kept) now: a missing, pickled or foreign
         # file is one line before any sampling, and before --out is created
         weights, want_is = fid_weights(args, device) if args.fid or args.ref else (None, False)
+        # built once, shared by every model of a curve (a VAE decoder, a PiDiNet/HED
+        # detector); a VAE that is neither named nor cached is one line here
+        from meanflow.codec import make_decoder
+        meta = ds.meta if ds is not None else info.get("dataset_meta", {})
+        decode = make_decoder(meta, device, vae=args.vae, allow_download=True)
+        edge_f1 = ((not args.no_edge_f1) and ds is not None and dcfg.use_edges
+                   and ds.meta.get("edges") not in (None, "none"))
+        detector = edge_detector(meta, device) if edge_f1 else None
     except (EvalError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -366,18 +380,12 @@ def run_evaluation(argv=None) -> int:
             state.print("Inception Score: unavailable with these Inception weights (no "
                         "classifier; the offline FID Inception has none): pass --fid-weights "
                         "with torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
-    edge_f1 = ((not args.no_edge_f1) and ds is not None and dcfg.use_edges
-               and ds.meta.get("edges") not in (None, "none"))
-    from meanflow.codec import make_decoder
-    meta = ds.meta if ds is not None else info.get("dataset_meta", {})
-    # built once, shared by every model of a curve (a VAE decoder, a PiDiNet/HED detector)
     ctx = dict(ds=ds, meta=meta, sel=sel, dcfg=dcfg, mcfg=mcfg, steps_list=steps_list,
                grids=grids, ref_stats=ref_stats if rank == 0 else None, weights=weights,
                want_fid=args.fid, want_is=want_is,
                cond=conditions(ds, dcfg, mcfg, args.balanced_labels),
                names=sample_names(ds, meta, args.balanced_labels, mcfg),
-               decode=make_decoder(meta, device),
-               detector=edge_detector(meta, device) if edge_f1 else None,
+               decode=decode, detector=detector,
                state=state, device=device, amp_dtype=AMP_DTYPES[args.precision])
     data = "none" if ds is None else str(Path(ds.path).resolve())
     ctx["data"] = data
@@ -417,7 +425,7 @@ def evaluate_curve(runs: list[tuple[Path, str]], model, info: dict, out: Path, a
     for i, (ckpt, name) in enumerate(runs):
         if i > 0:
             try:
-                model, info = load_model(ckpt, device)
+                model, info = load_model(ckpt, device, weights=args.weights)
                 check_same_task(info, ctx["dcfg"], ctx["meta"], ckpt)
             except (EvalError, FileNotFoundError, ValueError) as e:
                 print(f"error: {e}", file=sys.stderr)

@@ -681,9 +681,15 @@ def run_training(args, cfg: Config) -> int:
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=cfg.data.num_workers > 0)
     val = validation_batch(cfg, sess.val_data, device)
-    from meanflow.codec import make_decoder
-    decoder = (make_decoder(data.meta, device, allow_download=True)   # the default SD-VAE only
-               if accelerator.is_main_process else None)
+    from meanflow.codec import CodecError, make_decoder
+    decoder, why = None, None
+    if accelerator.is_main_process:        # the validation grid's decoder
+        try:
+            decoder = make_decoder(data.meta, device, allow_download=True)  # default SD-VAE only
+        except CodecError as e:
+            why = str(e)
+    if not all_ok(accelerator, why is None):     # every rank stops, not only the main one
+        raise SetupError(why or "the main process could not load the dataset's VAE decoder")
     stop, hooks, health, meter = StopRequest(), FaultHooks(), Health(device), Meter()
     fp16, use_cl = tc.mixed_precision == "fp16", uses_channels_last(cfg, device)
     if accelerator.is_main_process:
