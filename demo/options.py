@@ -35,6 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from demo.common import fid_at, versus  # noqa: E402  (the bars, shared with make gpu-demo)
+
 CONFIGS = {"edge": "configs/fashion_demo.yaml", "class": "configs/fashion_class.yaml"}
 MF_STEPS, FM_STEPS = [1, 2, 4], [1, 2, 4, 16]
 
@@ -99,25 +103,6 @@ def row(a, name: str, seed: int) -> dict:
     if name in ("warm start", "teacher"):           # flow-matching steps + MeanFlow steps
         steps = f"{steps_of(fm)} + {steps}"
     return dict(steps=steps, results=evaluate(a, run, a.mf_steps))
-
-
-def fid_at(run: dict, steps: int):
-    return next((r["fid"] for r in run["results"] if r["steps"] == steps), None)
-
-
-def versus(task: str, mf: dict, fm: dict) -> str:
-    """One seed's MeanFlow 1-step FID against the issue's bar: edge, flow matching's best
-    over its step counts (and its 1 step); class, flow matching's 1 step."""
-    one, fm_one = fid_at(mf, 1), fid_at(fm, 1)
-    if one is None or fm_one is None:
-        return "n/a"
-    if task == "edge":
-        ratio = one / min(r["fid"] for r in fm["results"])
-        met = ratio <= 1.1 and one < fm_one
-    else:
-        ratio = one / fm_one
-        met = ratio <= 1 / 3
-    return f"{ratio:.2f}{' met' if met else ''}"
 
 
 ROWS = ("flow matching", "MeanFlow", "warm start", "AlphaFlow", "teacher", "DMF times")

@@ -23,21 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from demo import common  # noqa: E402
+from demo.common import export_info, hardware, runs_table, scores_table  # noqa: E402,F401
 from meanflow import metrics  # noqa: E402
-from meanflow.config import load_config  # noqa: E402
-from meanflow.training import checkpoint_step, list_checkpoints  # noqa: E402
 
 # name -> (config, overrides): MeanFlow and flow matching differ in one key
 RUNS = {
@@ -46,7 +41,7 @@ RUNS = {
     "edge_fm": ("configs/fashion_demo.yaml", ["meanflow.ratio_r_neq_t=0.0"]),
     "class_fm": ("configs/fashion_class.yaml", ["meanflow.ratio_r_neq_t=0.0"]),
 }
-STEPS = {"mf": [1, 2, 4], "fm": [1, 2, 4, 16]}
+STEPS = common.STEPS
 # Warm starts, the winner at equal minutes on both seeds (docs/results.md, "MeanFlow's
 # options"): the model first trains as flow matching for half its budget (this run folder),
 # then as MeanFlow from that export (train.init_from) for the other half.
@@ -74,63 +69,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    common.log(msg, "demo")
 
 
 def sh(cmd: list[str]) -> None:
-    log("$ " + " ".join(cmd))
-    res = subprocess.run(cmd, cwd=ROOT)
-    if res.returncode != 0:
-        sys.exit(f"demo: exit code {res.returncode}: {' '.join(cmd)}")
+    common.sh(cmd, "demo")
 
 
 def train(name: str, args) -> None:
     config, own = RUNS[name]
-    data = Path(args.data)
-    over = [f"data.path={data / 'train'}", f"data.val_path={data / 'test'}", *args.overrides,
-            *own]
-
-    def run(run_dir: Path, *extra: str) -> None:
-        sh([sys.executable, "train.py", "--config", config, "--run-dir", str(run_dir), *over,
-            *extra])
-    if name in WARM_START:                  # the budget in two halves: flow matching, MeanFlow
-        half = f"train.max_minutes={load_config(ROOT / config, over).train.max_minutes / 2:g}"
-        first = Path(args.runs) / WARM_START[name]
-        run(first, "meanflow.ratio_r_neq_t=0.0", half)
-        over += [half, f"train.init_from={first / 'export'}"]
-    run(Path(args.runs) / name)
-
-
-def export_info(run_dir: Path) -> dict:
-    return json.loads((run_dir / "export" / "model_config.json").read_text())
+    warm = Path(args.runs) / WARM_START[name] if name in WARM_START else None
+    common.train_model(config, own, Path(args.runs) / name, args, warm, sh=sh)
 
 
 def eval_dir(name: str, kind: str, args) -> Path:
-    n = f"_n{args.num_samples}" if kind == "test" else ""
-    return Path(args.runs) / name / "eval" / f"{kind}{n}_seed{args.seed}"
+    return common.eval_dir(Path(args.runs), name, kind, args.num_samples, args.seed)
 
 
 def evaluate(name: str, kind: str, args) -> list[dict]:
-    """evaluate.py on the model's export: ``kind`` "test" is FID/KID (and edge F1) on N test
-    samples spread over the split; "classes" is one sample per class (balanced labels), for
-    the grid only. Read back when its results.json is at the export's step."""
-    run_dir, steps, out = Path(args.runs) / name, STEPS[name[-2:]], eval_dir(name, kind, args)
-    res_file = out / "results.json"
-    if res_file.is_file():
-        res = json.loads(res_file.read_text())
-        if (res["meta"]["step"] == export_info(run_dir)["step"]
-                and [r["steps"] for r in res["results"]] == steps):
-            log(f"reusing {res_file}")
-            return res["results"]
-    cmd = [sys.executable, "evaluate.py", "--ckpt", str(run_dir), "--compare-steps",
-           ",".join(map(str, steps)), "--seed", str(args.seed), "--no-png", "--out", str(out)]
-    if kind == "test":
-        cmd += ["--split", "test", "--num-samples", str(args.num_samples), "--fid"]
-    else:
-        classes = export_info(run_dir)["model"]["num_classes"]  # row i: class i
-        cmd += ["--balanced-labels", "--num-samples", str(classes), "--grid-rows", str(classes)]
-    sh(cmd)
-    return json.loads(res_file.read_text())["results"]
+    """evaluate.py on the model's export (common.evaluate): "test" is FID/KID (and edge F1)
+    on N test samples, "classes" one sample per class for the grid."""
+    return common.evaluate(Path(args.runs) / name, STEPS[name[-2:]], eval_dir(name, kind, args),
+                           kind, args, sh=sh, log=log)
 
 
 def floor(args) -> dict:
@@ -148,55 +108,14 @@ def floor(args) -> dict:
 
 
 def trained(name: str, args) -> dict:
-    """Steps (the export's), training minutes (the last checkpoint's) and the budget; a warm
-    start's are the sums over its flow-matching half and its MeanFlow half ("FM + MF" steps)."""
+    """Steps, training minutes and budget (common.trained); a warm start's are the sums over
+    its flow-matching half and its MeanFlow half ("FM + MF" steps)."""
     parts = [WARM_START[name], name] if name in WARM_START else [name]
-    steps, minutes, budget = [], 0.0, 0.0
-    for part in parts:
-        run_dir = Path(args.runs) / part
-        minutes += checkpoint_step(list_checkpoints(run_dir / "checkpoints")[-1][1])[1] / 60
-        cfg = load_config(run_dir / "config.yaml")
-        steps.append(export_info(run_dir)["step"])
-        budget += cfg.train.max_minutes
-    return dict(config=RUNS[name][0], ratio_r_neq_t=cfg.meanflow.ratio_r_neq_t,
-                steps=" + ".join(map(str, steps)) if len(steps) > 1 else steps[0],
-                minutes=round(minutes, 2), max_minutes=budget,
-                warm_start=name in WARM_START)
-
-
-def hardware() -> str:
-    import torch
-    info = Path("/proc/cpuinfo")
-    cpu = re.search(r"^model name\s*:\s*(.+)$", info.read_text() if info.is_file() else "", re.M)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"Hardware: {cpu[1] if cpu else platform.machine()}, {os.cpu_count()} cores, {gpu}; "
-            f"torch {torch.__version__}.")
-
-
-def runs_table(info: dict) -> list[str]:
-    out = [hardware(), "", "| model | config | r != t share | training steps | minutes | "
-           "train.max_minutes |", "|---|---|---|---|---|---|"]
-    out += [f"| {k}{' (warm start)' * v['warm_start']} | {v['config']} | "
-            f"{v['ratio_r_neq_t']:g} | {v['steps']} | {v['minutes']:.1f} | "
-            f"{v['max_minutes']:g} |" for k, v in info.items()]
-    if any(v["warm_start"] for v in info.values()):
-        out += ["", "Warm start: flow matching for half of the budget, then MeanFlow from its "
-                "export for the other half; steps are flow matching's + MeanFlow's."]
-    return out
-
-
-def scores_table(rows: list[tuple[str, dict]]) -> list[str]:
-    out = ["| model | steps | FID | KID x 1e3 | edge F1 | N |", "|---|---|---|---|---|---|"]
-    for label, r in rows:
-        cells = [label, r.get("steps", ""), f"{r['fid']:.1f}",
-                 f"{1e3 * r['kid']:.2f}" if "kid" in r else "",
-                 f"{r['edge_f1']:.3f}" if "edge_f1" in r else "", r["n"]]
-        out.append("| " + " | ".join(map(str, cells)) + " |")
-    return out
+    return common.trained([Path(args.runs) / p for p in parts], RUNS[name][0])
 
 
 def classes(args) -> str:
-    return ", ".join(export_info(Path(args.runs) / "class_mf")["dataset_meta"]["class_names"])
+    return common.classes(Path(args.runs) / "class_mf")
 
 
 def write_demo(res: dict, args) -> None:
@@ -248,10 +167,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.what == "pictures":
         return pictures(args)
-    data = Path(args.data)
-    if not all((data / s / "data.mdb").is_file() for s in ("train", "test")):
-        sh([sys.executable, "preprocess/cache.py", "--source", "fashion-mnist", "--output",
-            str(data), "--image-size", "32", "--codec", "pixel", "--edges", "canny"])
+    common.ensure_data(Path(args.data), sh=sh)
     names = list(RUNS)[:2] if args.what == "demo" else list(RUNS)
     for name in names:
         train(name, args)
