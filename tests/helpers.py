@@ -60,3 +60,48 @@ def make_pixel_dataset(tmp: Path, image_size: int = 16) -> Path:
                "pixel", "--edges", "canny"])
     assert res.returncode == 0, res.stderr
     return out
+
+
+# The tiny training config of the end-to-end tests: a 2-level U-Net on the 16x16 pixel set of
+# make_pixel_dataset, edges and labels. Tests change what they test through ``overrides``.
+TINY = dict(
+    model=dict(name="unet", input_size=16, in_channels=1, edge_channels=1, edge_size=16,
+               num_classes=10, base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
+               attn_resolutions=[8], dropout=0.0),
+    meanflow=dict(ratio_r_neq_t=0.5, cfg_omega=1.5, cond_drop_prob=0.2),
+    data=dict(image_size=16, codec="pixel", channels=1, use_edges=True, use_labels=True,
+              num_workers=0),
+    train=dict(batch_size=8, max_steps=6, lr=1.0e-3, warmup_steps=2, log_every=2,
+               image_every=3, ckpt_every=3, keep_checkpoints=2, ema_decays=[0.9, 0.5]),
+)
+
+
+def tiny_config(path: Path, data: Path, **overrides: dict) -> Path:
+    """Write the tiny config for the dataset ``data`` (make_pixel_dataset's folder) to
+    ``path``; ``overrides`` maps a section to the keys that differ, e.g.
+    ``train=dict(max_steps=2)``, or None for the config's defaults. Returns ``path``."""
+    import copy
+
+    import yaml
+    cfg = copy.deepcopy(TINY)
+    cfg["data"].update(path=f"{data}/train", val_path=f"{data}/test")
+    for section, keys in overrides.items():
+        if keys is None:                      # the section's defaults
+            cfg.pop(section)
+        else:
+            cfg[section].update(keys)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tables(md: str) -> list[list[list[str]]]:
+    """The markdown tables of ``md``: rows of cells, header and separator dropped."""
+    out, cur = [], None
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur = [] if cur is None else cur
+            cur.append([c.strip() for c in line.strip("|").split("|")])
+        elif cur is not None:
+            out.append(cur[2:])
+            cur = None
+    return out

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PY, ROOT, make_pixel_dataset, run
+from helpers import PY, ROOT, make_pixel_dataset, run, tiny_config
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device(os.environ.get("MEANFLOW_CUDA_TIER_DEVICE", "cuda"))
@@ -153,25 +153,14 @@ def test_bf16_jvp_matches_the_fp32_jvp(config):
 # --------------------------------------------------------------------------------------------
 # End to end on the GPU: train.py, resume, export, evaluate.py, load_pipeline, two ranks
 # --------------------------------------------------------------------------------------------
-CONFIG = """
-model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: 1, edge_size: 16,
-        num_classes: 10, base_channels: 16, channel_mults: [1, 2], num_res_blocks: 1,
-        attn_resolutions: [8], dropout: 0.0}}
-meanflow: {{ratio_r_neq_t: 0.5, cfg_omega: 1.5, cond_drop_prob: 0.2}}
-data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
-       use_edges: true, use_labels: true, num_workers: 0}}
-train: {{batch_size: 8, max_steps: 6, lr: 1.0e-3, warmup_steps: 2, log_every: 1,
-        image_every: 3, ckpt_every: 3, keep_checkpoints: 2, ema_decays: [0.9], log_with: none}}
-"""
 
 
 @pytest.fixture(scope="module")
 def gpu_cfg(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("cuda_tier")
-    data = make_pixel_dataset(tmp)
-    p = tmp / "tiny.yaml"
-    p.write_text(CONFIG.format(data=data))
-    return p
+    return tiny_config(tmp / "tiny.yaml", make_pixel_dataset(tmp),
+                       train=dict(log_every=1, keep_checkpoints=2, ema_decays=[0.9],
+                                  log_with="none"))
 
 
 def _train(cfg: Path, run_dir: Path, *extra, nproc: int = 1, **env):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import PY, run, write_idx
+from helpers import PY, run, tables, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12                       # test samples per FID (the tiny set has 32)
@@ -56,17 +56,6 @@ def source_tree() -> dict:
     return out
 
 
-def tables(md: str) -> list[list[list[str]]]:
-    """The markdown tables of ``md``: rows of cells, header and separator dropped."""
-    out, cur = [], None
-    for line in md.splitlines() + [""]:
-        if line.startswith("|"):
-            cur = [] if cur is None else cur
-            cur.append([c.strip() for c in line.strip("|").split("|")])
-        elif cur is not None:
-            out.append(cur[2:])
-            cur = None
-    return out
 
 
 def score_cells(r: dict) -> list[str]:

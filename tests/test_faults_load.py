@@ -25,19 +25,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import PY, make_pixel_dataset, run
+from helpers import PY, make_pixel_dataset, run, tiny_config
 
 from meanflow.config import ConfigError, load_config
 
-CONFIG = """
-model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: 1, edge_size: 16,
-        num_classes: 10, base_channels: 16, channel_mults: [1, 2], num_res_blocks: 1,
-        attn_resolutions: [], dropout: 0.0}}
-data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
-       use_edges: true, use_labels: true, num_workers: 0}}
-train: {{batch_size: 8, max_steps: 2, lr: 5.0e-2, log_every: 1, image_every: 100,
-        ckpt_every: 2, ema_decays: [0.5]}}
-"""
 STEP = "step_0000002"
 
 
@@ -54,8 +45,11 @@ def tiny(tmp_path_factory) -> dict:
     """A finished 2-step run (edges and labels; checkpoint and export at step 2)."""
     tmp = tmp_path_factory.mktemp("faults_load")
     data = make_pixel_dataset(tmp)
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(CONFIG.format(data=data))
+    cfg = tiny_config(tmp / "tiny.yaml", data, model=dict(attn_resolutions=[]),
+                      meanflow=None,
+                      train=dict(max_steps=2, lr=5.0e-2, warmup_steps=0, log_every=1,
+                                 image_every=100, ckpt_every=2, ema_decays=[0.5],
+                                 keep_checkpoints=3))
     res = train(cfg, tmp / "run")
     assert res.returncode == 0, res.stderr[-3000:]
     return dict(cfg=cfg, data=data, run=tmp / "run", ckpt=tmp / "run" / "checkpoints" / STEP)

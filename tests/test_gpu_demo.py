@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import PY, make_pixel_dataset, run
+from helpers import PY, make_pixel_dataset, run, tables
 from meanflow.config import load_config
 from meanflow.training import ckpt_name, mark_complete
 
@@ -28,17 +28,6 @@ def gpu_demo():
     return mod
 
 
-def tables(md: str) -> list[list[list[str]]]:
-    """The markdown tables of ``md``: rows of cells, header and separator dropped."""
-    out, cur = [], None
-    for line in md.splitlines() + [""]:
-        if line.startswith("|"):
-            cur = [] if cur is None else cur
-            cur.append([c.strip() for c in line.strip("|").split("|")])
-        elif cur is not None:
-            out.append(cur[2:])
-            cur = None
-    return out
 
 
 def test_gpu_demo_without_a_gpu_says_so_and_succeeds():

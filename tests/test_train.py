@@ -14,18 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PY, ROOT, env, make_pixel_dataset, run
+from helpers import PY, ROOT, env, make_pixel_dataset, run, tiny_config
 
-CONFIG = """
-model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: 1, edge_size: 16,
-        num_classes: 10, base_channels: 16, channel_mults: [1, 2], num_res_blocks: 1,
-        attn_resolutions: [8], dropout: 0.0}}
-meanflow: {{ratio_r_neq_t: 0.5, cfg_omega: 1.5, cond_drop_prob: 0.2}}
-data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
-       use_edges: true, use_labels: true, num_workers: {workers}}}
-train: {{batch_size: 8, max_steps: 6, lr: 1.0e-3, warmup_steps: 2, log_every: 2,
-        image_every: 3, ckpt_every: 3, keep_checkpoints: 2, ema_decays: [0.9, 0.5]}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +24,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def write_cfg(tmp: Path, data: Path, workers: int = 0) -> Path:
-    p = tmp / "tiny.yaml"
-    p.write_text(CONFIG.format(data=data, workers=workers))
-    return p
+    return tiny_config(tmp / "tiny.yaml", data, data=dict(num_workers=workers))
 
 
 def train(cfg: Path, run_dir: Path, *extra, nproc: int = 1, **env_extra):
