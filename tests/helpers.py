@@ -76,15 +76,15 @@ TINY = dict(
 )
 
 
-def tiny_config(path: Path, data: Path, **overrides: dict) -> Path:
-    """Write the tiny config for the dataset ``data`` (make_pixel_dataset's folder) to
+def tiny_config(path: Path, dataset: Path, /, **overrides: dict) -> Path:
+    """Write the tiny config for the dataset ``dataset`` (make_pixel_dataset's folder) to
     ``path``; ``overrides`` maps a section to the keys that differ, e.g.
     ``train=dict(max_steps=2)``, or None for the config's defaults. Returns ``path``."""
     import copy
 
     import yaml
     cfg = copy.deepcopy(TINY)
-    cfg["data"].update(path=f"{data}/train", val_path=f"{data}/test")
+    cfg["data"].update(path=f"{dataset}/train", val_path=f"{dataset}/test")
     for section, keys in overrides.items():
         if keys is None:                      # the section's defaults
             cfg.pop(section)
