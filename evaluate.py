@@ -171,9 +171,9 @@ def resolve(args, info: dict):
     if args.data:
         path = Path(args.data)
     else:
-        train_path = Path(dcfg.path)
-        if not train_path.is_absolute():
-            train_path = ROOT / train_path
+        # absolute in runs trained since paths are recorded resolved; an older run's relative
+        # path is relative to the working directory, as every relative path is
+        train_path = Path(dcfg.path).resolve()
         path = train_path.parent / args.split
     if not path.exists():
         raise EvalError(f"dataset split not found: {path} (--split {args.split!r}; pass "

@@ -37,7 +37,7 @@ from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
 from meanflow.distributed import TrainProgress, all_ok, shutdown  # noqa: E402
 from meanflow.launch import (SetupError, check_shared_run_dir, make_accelerator,  # noqa: E402
-                             set_backend_flags)
+                             resolve_paths, set_backend_flags)
 from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
                                SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
                                export_config, export_model, is_complete, list_checkpoints,
@@ -441,7 +441,7 @@ def sync_point(sess: Session, health: Health, stop: StopRequest, budget_s: float
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_paths(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -104,6 +104,26 @@ def check_shared_run_dir(accelerator, run_dir: Path) -> None:
                            f"there. Put the run folder on a filesystem every node mounts")
 
 
+# The one rule for relative paths, in every entry point: a relative path on the command line or
+# in a config file is relative to the working directory of the command that reads it. What a
+# run records (RUN/config.yaml, the export's model_config.json) is absolute, so evaluate.py and
+# sample.py find a run's data from any directory.
+PATH_KEYS = (("data", "path"), ("data", "val_path"), ("train", "init_from"),
+             ("meanflow", "teacher"))
+
+
+def resolve_paths(cfg: Config, cwd: Path | None = None) -> Config:
+    """``cfg`` with its path keys (PATH_KEYS) made absolute against ``cwd`` (default: the
+    working directory); empty keys stay empty."""
+    base = Path.cwd() if cwd is None else Path(cwd)
+    for section, key in PATH_KEYS:
+        sec = getattr(cfg, section)
+        value = getattr(sec, key)
+        if value:
+            setattr(sec, key, str((base / Path(value).expanduser()).resolve()))
+    return cfg
+
+
 class SetupError(Exception):
     """Bad input found before the first step: one line, exit code 2."""
 

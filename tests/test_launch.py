@@ -118,3 +118,17 @@ def test_the_real_budget_bar_shows_minutes(capsys):
     p.close()
     err = capsys.readouterr().err
     assert "0.50/9.00 min" in err and "step 7" in err and "1000000" not in err
+
+
+def test_relative_paths_are_relative_to_the_working_directory_and_recorded_absolute(tmp_path):
+    """The one rule: relative to where the command runs; a run records them absolute (so
+    evaluate.py finds a run's data from any directory)."""
+    from meanflow.config import load_config
+    from meanflow.launch import resolve_paths
+    cfg = load_config(None, ["data.path=data/x/train", "data.val_path=", "train.init_from=../w",
+                             f"meanflow.teacher={tmp_path / 't'}"])
+    resolve_paths(cfg, cwd=tmp_path / "work")
+    assert cfg.data.path == str(tmp_path / "work" / "data" / "x" / "train")
+    assert cfg.data.val_path == ""                               # empty stays empty
+    assert cfg.train.init_from == str(tmp_path / "w")
+    assert cfg.meanflow.teacher == str(tmp_path / "t")
