@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from meanflow.atomic import atomic_path, write_text_atomic  # noqa: E402
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
 from meanflow.distributed import (finish, gather, init_state, progress, shard_starts,  # noqa: E402
                                   shutdown)
@@ -536,9 +537,7 @@ def open_partial(out: Path, spec: dict) -> None:
     if not same:
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True, exist_ok=True)
-        tmp = part / f"spec.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(spec))
-        os.replace(tmp, part / "spec.json")
+        write_text_atomic(part / "spec.json", json.dumps(spec))
 
 
 def finish_partial(out: Path) -> None:
@@ -548,12 +547,8 @@ def finish_partial(out: Path) -> None:
 
 def save_batch(path: Path, **arrays) -> None:
     """One batch's features, edge scores and grid images, atomically (tmp file + rename)."""
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    try:
+    with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_batch(path: Path, pos: range, grid_idx: list[int], want: dict) -> Optional[dict]:
@@ -797,10 +792,9 @@ def plot_curve(path: Path, rows: list[dict], metrics: list[tuple[str, str]], ste
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_grid(path: Path, ds, rows: list[int], cols: dict, steps_list: list[int]) -> None:

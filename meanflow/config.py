@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -435,10 +434,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
     Atomically (a temporary file renamed over it): a run killed while writing it must not
     leave a torn file for the restart to trip on."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    from .atomic import write_text_atomic
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _describe_range(meta: dict) -> str:

@@ -15,8 +15,9 @@ but holds ``marker``, a file the program always writes).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path, PurePosixPath
+
+from .atomic import write_text_atomic
 from typing import Iterable, Optional
 
 MANIFEST = ".meanflow-outputs.json"
@@ -68,9 +69,8 @@ def plan(folder: Path, program: str, files: Iterable[str],
             p.unlink()
             removed.append(rel)
             _prune_empty(p.parent, folder)
-    tmp = folder / f"{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"program": program, "files": new}, indent=0))
-    os.replace(tmp, folder / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps({"program": program, "files": new},
+                                                   indent=0))
     return removed
 
 

@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from .atomic import atomic_path, write_text_atomic
+
 from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
 from .edges import close_gaps, detector_from_meta, quantize
@@ -320,13 +322,11 @@ class Pipeline:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors.tmp"),
-                  metadata={"step": str(self.info.get("step"))})
-        os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"step": str(self.info.get("step"))})
         info = neutral_paths(dict(self.info))
         info.setdefault("evaluation", find_results(self.source))
-        (out / (EXPORT_CONFIG + ".tmp")).write_text(json.dumps(info, indent=2, default=str))
-        os.replace(out / (EXPORT_CONFIG + ".tmp"), out / EXPORT_CONFIG)
+        write_text_atomic(out / EXPORT_CONFIG, json.dumps(info, indent=2, default=str))
         (out / MODEL_CARD).write_text(model_card(info))
         return out
 

@@ -27,6 +27,8 @@ from typing import Callable, Optional
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, write_text_atomic
+
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
                        CheckpointError, checkpoint_step, config_diff, list_checkpoints,
                        shape_mismatch, strip_wrappers)
@@ -39,21 +41,6 @@ MODEL_FILE = "model.safetensors"   # accelerate's model weights in a checkpoint;
 class RunLockedError(RuntimeError):
     """Another live process holds the run folder's lock."""
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a kill leaves the old file or the new one, never a
-    torn one (a temporary file in the same folder, flushed, then renamed over it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,10 +241,9 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
         raise CheckpointError(f"{ema_file}: EMA keys not in {MODEL_FILE}: {missing[:3]}")
     state.update({k: v.to(state[k].dtype) for k, v in ema0.items()})
     export_dir.mkdir(parents=True, exist_ok=True)
-    tmp = export_dir / (MODEL_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"step": str(step)})
-    os.replace(tmp, export_dir / MODEL_FILE)
+    with atomic_path(export_dir / MODEL_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"step": str(step)})
     write_text_atomic(export_dir / EXPORT_CONFIG, (Path(ckpt) / EXPORT_CONFIG).read_text())
     was = "missing or incomplete" if have is None else f"at step {have}"
     return (f"note: {export_dir} was {was}, not at the checkpoint's step {step}: re-created "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_text_atomic
 
 from .config import Config, ModelConfig, from_dict, to_dict
 from .runtime import mix_seed, seed_rng  # noqa: F401  (mix_seed: re-exported)
@@ -180,10 +181,9 @@ class Meter:
 
 def save_ema(ckpt: Path, ema: EMA) -> None:
     """Write every EMA of ``ema`` to ``ckpt/ema.safetensors`` (tmp + rename)."""
-    tmp = ckpt / (EMA_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-              str(tmp), metadata={"decays": json.dumps(ema.decays)})
-    os.replace(tmp, ckpt / EMA_FILE)
+    with atomic_path(ckpt / EMA_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                  str(tmp), metadata={"decays": json.dumps(ema.decays)})
 
 
 def load_ema(ckpt: Path, ema: EMA) -> None:
@@ -271,9 +271,7 @@ def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
     info = dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
                 data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
                 ema_decay=ema_decay, format_version=1)
-    tmp = out_dir / (EXPORT_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, out_dir / EXPORT_CONFIG)
+    write_text_atomic(out_dir / EXPORT_CONFIG, json.dumps(info, indent=2, default=str))
 
 
 def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
@@ -281,9 +279,8 @@ def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dic
     """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_w = out_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp_w), metadata={"step": str(step)})
-    os.replace(tmp_w, out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"step": str(step)})
     export_config(out_dir, cfg, dataset_meta, step, ema_decay)
 
 

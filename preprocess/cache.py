@@ -29,7 +29,6 @@ if str(ROOT) not in sys.path:                    # run as a script from anywhere
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
@@ -38,6 +37,7 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from meanflow.atomic import write_text_atomic  # noqa: E402
 from meanflow.codec import VAE_DTYPES, CodecError, PixelCodec, VAECodec  # noqa: E402
 from meanflow.distributed import (LaunchError, init_gloo, launcher_rank_world,  # noqa: E402
                                   progress)
@@ -389,9 +389,7 @@ def finalize(env: lmdb.Environment, src: Source, settings: dict[str, Any], last_
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def split_settings(src: Source, args, codec, detector: Optional[EdgeDetector]) -> dict[str, Any]:

@@ -106,3 +106,24 @@ def test_seed_rng_draws_like_torch_manual_seed_without_seeding_cuda_on_cpu(monke
     assert calls == []                    # no (lazily queued, stack-recording) CUDA seeding
     seed_rng(6, "cuda")                   # a CUDA run seeds its device too (dropout)
     assert calls == [6]
+
+
+def test_an_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """meanflow.atomic, the one home of tmp + rename: a block that fails leaves the old file
+    and no temporary; the temporary keeps the target's suffix (numpy adds .npz otherwise)."""
+    import numpy as np
+
+    from meanflow.atomic import atomic_path, write_text_atomic
+    target = tmp_path / "stats.npz"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".npz" and tmp.parent == tmp_path
+        np.savez(tmp, a=np.arange(3))
+    assert np.load(target)["a"].tolist() == [0, 1, 2]
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            np.savez(tmp, a=np.arange(5))
+            raise RuntimeError("killed mid-write")
+    assert np.load(target)["a"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+    write_text_atomic(tmp_path / "c.yaml", "x: 1\n")
+    assert (tmp_path / "c.yaml").read_text() == "x: 1\n"

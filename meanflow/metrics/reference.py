@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
+
+from meanflow.atomic import atomic_path
 
 from meanflow.metrics import inception
 from meanflow.metrics._common import DEFAULT_BATCH, FEATURE_DIM, STATS_FORMAT, ImageBatch
@@ -145,15 +146,11 @@ def save_statistics(path: Union[str, Path], stats: dict, key: dict) -> None:
     left behind when the write fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    try:
+    with atomic_path(path) as tmp:
         # features are float32 out of the network: storing them as float32 is lossless
         np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], n=np.int64(stats["n"]),
                  features=np.asarray(stats["features"], np.float32),
                  key=np.array(json.dumps(key, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_statistics(path: Union[str, Path]) -> tuple[dict, dict]:

