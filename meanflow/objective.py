@@ -358,6 +358,32 @@ class MeanFlowLoss:
         return Draws(noise=put(noise[sl], dtype), r=put(r[sl]), t=put(t[sl]),
                      keep=None if keep is None else put(keep[sl]), neq_idx=put(neq_idx))
 
+    def step_loss(self, model: Model, x: Tensor, edge: Optional[Tensor] = None,
+                  label: Optional[Tensor] = None, *, step: int, micro: int = 0, rank: int = 0,
+                  world: int = 1, global_batch: int, seed: int) -> LossOutput:
+        """The loss of one training micro-step, every random input drawn here.
+
+        ``x`` is this process's slice of a global batch of ``global_batch`` samples. The
+        noise, (r, t), the r != t positions and the condition-dropout mask come from
+        :meth:`draw` at (seed, step, micro), the r != t ratio and AlphaFlow's alpha from the
+        config's schedules at ``step``, and the network's own randomness (dropout) from
+        torch's generators seeded at (seed, rank, step, micro). The noise takes x's memory
+        layout (channels_last on the CUDA U-Net), so the elementwise ops around the network
+        do not mix layouts.
+        """
+        from .runtime import seed_rng
+        cfg = self.cfg
+        d = self.draw(tuple(x.shape[1:]), global_batch, seed=seed, step=step, micro=micro,
+                      rank=rank, world=world, has_cond=edge is not None or label is not None,
+                      ratio=cfg.ratio_at(step), device=x.device, dtype=x.dtype)
+        noise = d.noise
+        if (x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        seed_rng(mix_seed(seed, rank, step, micro), x.device)                # dropout
+        return self(model, x, edge, label, noise=noise, r=d.r, t=d.t, keep=d.keep,
+                    neq_idx=d.neq_idx, alpha=cfg.alpha_at(step))
+
     def drop_mask(self, batch: int, device, has_cond: bool,
                   generator: torch.Generator | None = None) -> Optional[Tensor]:
         """keep[i] = False for the samples whose condition is replaced by the null condition."""
