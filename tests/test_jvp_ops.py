@@ -71,3 +71,44 @@ def test_norms_run_in_float32_under_bf16_autocast():
     p32, t32 = _dual(lambda z: F.group_norm(z, 5), h.float(), tan.float())
     assert torch.equal(p, p32.bfloat16())
     assert torch.allclose(t.float(), t32, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["unet", "sit-add"])
+@pytest.mark.parametrize("jvp_mode", ["split", "joint"])
+def test_a_meanflow_step_equals_pytorchs_own_forward_ad(kind, jvp_mode):
+    """A whole MeanFlow step (fp32) through the fast layers gives the loss, target and every
+    gradient of the same step with torch.nn's layers and PyTorch's forward-AD rules, to fp32
+    round-off (rtol 1e-4 on gradients, the adaptive weight amplifies nothing here: p = 0)."""
+    import copy
+
+    from test_models import TINY, inputs, perturb_zero_init_
+
+    from meanflow import MeanFlowConfig, MeanFlowLoss
+    from models.layers import _FAST_JVP_CLASSES
+    torch.manual_seed(0)
+    fast = TINY[kind]()
+    perturb_zero_init_(fast, std=0.2)
+    stock = copy.deepcopy(fast)
+    back = {v: k for k, v in _FAST_JVP_CLASSES.items()}
+    for m in stock.modules():
+        m.__class__ = back.get(type(m), type(m))
+    assert not any(type(m) in back for m in stock.modules())
+    z, _, _, edge, label = inputs(fast)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(z.shape, generator=g)
+    r, t = torch.tensor([0.2, 0.5, 0.1]), torch.tensor([0.9, 0.5, 0.3])
+    loss_fn = MeanFlowLoss(MeanFlowConfig(jvp_mode=jvp_mode, adaptive_p=0.0, cfg_omega=1.0))
+    outs = []
+    for net in (fast, stock):
+        out = loss_fn(net, z, edge, label, noise=noise, r=r, t=t,
+                      keep=torch.tensor([True, False, True]))
+        out.loss.backward()
+        outs.append((out, {n: p.grad for n, p in net.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
+    assert a.stats["tgt_rms"].item() == pytest.approx(b.stats["tgt_rms"].item(), rel=1e-5)
+    # atol against the largest gradient: a few are round-off only (a conv bias before a
+    # GroupNorm has a gradient of exactly 0 in exact arithmetic)
+    big = max(g.abs().max().item() for g in gb.values())
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-5 * big), n
