@@ -188,6 +188,43 @@ def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
     return u, (torch.zeros_like(u) if dudt is None else dudt)   # None: u ignores z and t
 
 
+def _active_dropout(model: Model) -> Optional[torch.nn.Module]:
+    """The first dropout layer of ``model`` that is training with p > 0, or None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    drop = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+    return next((m for m in model.modules()
+                 if isinstance(m, drop) and m.training and m.p > 0), None)
+
+
+def fd_dudt(model: Model, z: Tensor, r: Tensor, t: Tensor, w: Tensor, delta: float,
+            cond: dict) -> Tensor:
+    """du/dt along (w, 0, 1) by a central finite difference, as ONE batched forward of the 2k
+    samples [z + delta w, z - delta w] at times [t + delta, t - delta] (call under no_grad).
+
+    Its error against the exact JVP is O(delta^2) from the curvature plus O(eps / delta) from
+    rounding (bench/jvp_overhead.py prints it). A network with active dropout is refused: the
+    two halves would draw different masks, and their difference over 2 delta is noise.
+    """
+    drop = _active_dropout(model)
+    if drop is not None:
+        raise ValueError(f"meanflow.fd_delta needs a network without active dropout (found "
+                         f"{drop} in training mode): the +delta and -delta forwards would "
+                         f"draw different masks; set model.dropout=0 or use the JVP")
+    k = z.shape[0]
+    dz = delta * w.to(z.dtype)
+    # t + delta may pass 1: the network is smooth in t, 1 is not a wall for it
+    out = model(torch.cat([z + dz, z - dz]), torch.cat([r, r]),
+                torch.cat([t + delta, t - delta]), **_repeat2(cond))
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    return (out[:k] - out[k:]) / (2.0 * delta)
+
+
+def _repeat2(cond: dict) -> dict:
+    return {name: (torch.cat([c, c]) if isinstance(c, Tensor) else c)
+            for name, c in cond.items()}
+
+
 def _select(cond: dict, idx: Tensor) -> dict:
     return {k: (c[idx] if isinstance(c, Tensor) else c) for k, c in cond.items()}
 
@@ -214,8 +251,9 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
       trajectory target  alpha v + (1 - alpha) u_theta(z - d v, r, t - d),  d = alpha (t - r),
       from one no-grad forward. alpha = 1 is flow matching at every (r, t); alpha -> 0 is the
       MeanFlow identity (Eq. 6) as a finite difference, where the JVP takes over.
-    fd_delta > 0: du/dt by a central finite difference along (w, 0, 1) under no_grad, two
-      plain forwards instead of a JVP (MeanFlow Transformers with RAE); split mode only.
+    fd_delta > 0: du/dt by a central finite difference along (w, 0, 1) under no_grad, one
+      plain forward of the 2k samples at +-delta instead of a JVP (MeanFlow Transformers with
+      RAE; see ``fd_dudt``); split mode only, no active dropout.
 
     jvp_mode:
       "split" (default): the JVP runs without a graph (``no_grad``), on the samples with
@@ -261,11 +299,7 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     if idx.numel() > 0:
         with torch.no_grad():
             if fd_delta > 0.0:
-                inner, dz = unwrap(model), fd_delta * w_s.to(z.dtype)
-                # t + delta may pass 1: the network is smooth in t, 1 is not a wall for it
-                hi = inner(z_s + dz, r_s, t_s + fd_delta, **c_s).to(out_dtype)
-                lo = inner(z_s - dz, r_s, t_s - fd_delta, **c_s).to(out_dtype)
-                d = (hi - lo) / (2.0 * fd_delta)
+                d = fd_dudt(unwrap(model), z_s, r_s, t_s, w_s, fd_delta, c_s).to(out_dtype)
             else:
                 _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
         dudt[idx] = d.to(out_dtype)
@@ -452,4 +486,5 @@ class MeanFlowLoss:
 
 
 __all__ = ["MeanFlowLoss", "Draws", "unwrap", "uncompiled", "LossOutput", "sample_times",
-           "neq_layout", "meanflow_target", "guided_velocity", "check_times", "SEED_STREAM_DRAWS"]
+           "neq_layout", "meanflow_target", "fd_dudt", "guided_velocity", "check_times",
+           "SEED_STREAM_DRAWS"]
