@@ -232,7 +232,8 @@ def _select(cond: dict, idx: Tensor) -> dict:
 def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     jvp_mode: str = "split", tangent: str = "sample",
                     neq_idx: Optional[Tensor] = None, alpha: float = 0.0,
-                    fd_delta: float = 0.0, **cond) -> tuple[Tensor, Tensor]:
+                    fd_delta: float = 0.0, jvp_graph: Optional[Callable] = None,
+                    **cond) -> tuple[Tensor, Tensor]:
     """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
 
     du/dt is the JVP of ``model`` along the tangent (w, 0, 1) of (z, r, t). ``v`` is the
@@ -263,6 +264,8 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
           gradient pass goes through the wrapper (gradients are synchronised); the no-grad
           pass uses the inner module. Stochastic layers (dropout) draw separate masks for the
           two passes.
+      ``jvp_graph``: a callable (model, z, r, t, w, cond) -> du/dt that replaces the eager
+          no-grad JVP, e.g. ``meanflow.jvp_graph.GraphedJVP`` (CUDA graphs).
       "joint": one forward-mode pass gives u (with graph) and du/dt together: same dropout
           mask for u and its derivative, but autograd also records the tangent computation,
           which costs time and memory (about 2x the activations).
@@ -300,6 +303,8 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
         with torch.no_grad():
             if fd_delta > 0.0:
                 d = fd_dudt(unwrap(model), z_s, r_s, t_s, w_s, fd_delta, c_s).to(out_dtype)
+            elif jvp_graph is not None:          # train.cuda_graph_jvp (meanflow.jvp_graph)
+                d = jvp_graph(unwrap(model), z_s, r_s, t_s, w_s, c_s)
             else:
                 _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
         dudt[idx] = d.to(out_dtype)
@@ -361,6 +366,8 @@ class MeanFlowLoss:
         # Value checks (finite inputs, times in [0, 1], r <= t) read device tensors on the
         # host, i.e. wait for the GPU: train.py runs them on its first step only.
         self.check_values = check_values
+        # the split-mode JVP pass replayed from CUDA graphs (train.cuda_graph_jvp), or None
+        self.jvp_graph: Optional[Callable] = None
 
     def draw(self, x_shape: tuple[int, ...], global_batch: int, *, seed: int, step: int,
              micro: int = 0, rank: int = 0, world: int = 1, has_cond: bool = False,
@@ -470,7 +477,7 @@ class MeanFlowLoss:
                 v = self.teacher(z, t, t, **cond).to(v.dtype)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
         u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, cfg.tangent,  # Eq. 10
-                                   neq_idx, alpha, cfg.fd_delta, **cond)
+                                   neq_idx, alpha, cfg.fd_delta, self.jvp_graph, **cond)
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2

@@ -66,6 +66,13 @@ def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro
     step counts towards train.max_nonfinite. ``nan`` poisons the loss (a test hook).
     """
     tc, device = cfg.train, accelerator.device
+    if tc.cuda_graph_jvp and loss_fn.jvp_graph is None:
+        if device.type != "cuda":
+            raise ValueError(f"train.cuda_graph_jvp=true needs a CUDA training device, got "
+                             f"{device}")
+        from .jvp_graph import GraphedJVP, autocast_dtype_of
+        loss_fn.jvp_graph = GraphedJVP(
+            autocast_dtype_of(getattr(accelerator, "mixed_precision", "no")))
     stats: dict = {}
     n_micro = len(micro_batches)
     for micro, batch in enumerate(micro_batches):
