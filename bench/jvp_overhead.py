@@ -11,7 +11,8 @@ Same backbone, same batch, one forward + backward per step. Rows (``--modes``):
     func.jvp      the usual PyTorch way (py-meanflow): torch.func.jvp over the WHOLE batch
                   with torch.nn's layers and PyTorch's forward-AD rules, u taken from its
                   primal output (the graph records the tangent computation too)
-    func.jvp compiled   the same under torch.compile (--compile: minutes on a CPU)
+    func.jvp compiled   the same under torch.compile (--compile: minutes on a CPU), its norms
+                  written as mean/var ops (torch's norm rules do not trace under compile)
 
 at ``--ratio`` of samples with r != t (default 25%, the AFHQ and ImageNet configs), each model
 at a small and a large batch. Columns: the step time (median of ``--iters`` steps after a
@@ -104,6 +105,37 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _MeanVarGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm from mean/var ops: torch.compile traces torch.func.jvp through these (its
+    own group/layer norm rules hit an internal assert in make_dual under compile)."""
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = x.reshape(n, self.num_groups, -1)
+        var, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
+        h = ((h - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return h * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class _MeanVarLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+        h = (x - mean) * torch.rsqrt(var + self.eps)
+        return h if self.weight is None else h * self.weight + self.bias
+
+
+def mean_var_norms(net):
+    """``net`` with its GroupNorm/LayerNorm layers computing from mean/var ops (in place)."""
+    for m in net.modules():
+        if type(m) is torch.nn.GroupNorm:
+            m.__class__ = _MeanVarGroupNorm
+        elif type(m) is torch.nn.LayerNorm:
+            m.__class__ = _MeanVarLayerNorm
+    return net
+
+
 def _func_jvp_loss(net, z, r, t, v, edge):
     """py-meanflow's step: u and du/dt from torch.func.jvp over the whole batch."""
     u, dudt = torch.func.jvp(lambda zz, tt: net(zz, r, tt, edge=edge), (z, t),
@@ -121,7 +153,10 @@ def make_step(mode: str, net, x, edge, ratio: float):
     if mode == "mf graphed":
         from meanflow.jvp_graph import GraphedJVP
         loss_fn.jvp_graph = GraphedJVP()
-    compiled = torch.compile(_func_jvp_loss) if mode == "func.jvp compiled" else None
+    compiled = None
+    if mode == "func.jvp compiled":
+        mean_var_norms(net)
+        compiled = torch.compile(_func_jvp_loss)
     b, dev = x.shape[0], x.device
 
     def step():
@@ -168,12 +203,22 @@ def measure(name: str, modes: list[str], batch: int, device: str, iters: int,
     fast = _inputs(name, batch, device, stock=False)
     stock = _inputs(name, batch, device, stock=True) if any(
         m.startswith("func.jvp") for m in modes) else None
-    steps = {m: make_step(m, *(stock if m.startswith("func.jvp") else fast), ratio)
-             for m in modes}
+    steps = {}
+    for m in modes:
+        # the compiled row gets its own copy: it rewrites the norms
+        net_in = (_inputs(name, batch, device, stock=True) if "compiled" in m
+                  else stock if m.startswith("func.jvp") else fast)
+        steps[m] = make_step(m, *net_in, ratio)
     out = {}
-    for m, step in steps.items():
-        for _ in range(2):                # lazy initialisation, compilation, graph capture
-            step()
+    for m, step in list(steps.items()):
+        try:
+            for _ in range(2):            # lazy initialisation, compilation, graph capture
+                step()
+        except Exception as e:            # a row that fails (e.g. compile) leaves the others
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            out[m] = dict(error=f"{type(e).__name__}: {msg}"[:160])
+            del steps[m]
+            continue
         ops = None
         if "compiled" not in m and "graphed" not in m:
             with OpCounter() as c:
@@ -185,7 +230,7 @@ def measure(name: str, modes: list[str], batch: int, device: str, iters: int,
             t0 = _clock(device)
             step()
             out[m]["times"].append(_clock(device) - t0)
-    for m in out:
+    for m in steps:
         out[m]["time"] = statistics.median(out[m].pop("times"))
     return out
 
@@ -309,12 +354,16 @@ def main() -> None:
             rows = _last_json(res)
             peaks = {}
             if not a.quick or i == 1:
-                for mode in modes:
+                for mode in (m for m in modes if "error" not in rows[m]):
                     mem = _child(["--_peak", name, mode, str(batch), *common, "--no-mallopt"])
                     peaks[mode] = _last_json(mem) if mem.returncode == 0 else None
             fm = rows["fm"]
             for mode in modes:
                 r = rows[mode]
+                if "error" in r:
+                    print(f"| {name} | {batch} | {mode} | failed: {r['error']} | | | | | |",
+                          flush=True)
+                    continue
                 ops = "-" if r["ops"] is None else f"{r['ops']:,}"
                 ops_r = "-" if r["ops"] is None else f"{r['ops'] / fm['ops']:.2f}x"
                 pk, pk0 = peaks.get(mode), peaks.get("fm")
