@@ -93,7 +93,8 @@ class GraphedJVP:
     def _run(self, model, z, r, t, w, cond) -> Tensor:
         from .objective import _jvp
         with self._autocast():
-            _, d = _jvp(_plain_forward(model), z, r, t, w, cond)
+            _, d = _jvp(_plain_forward(model), z, r, t, w, cond,
+                        explicit=getattr(model, "explicit_jvp", False))
         return d
 
     def __call__(self, model: torch.nn.Module, z: Tensor, r: Tensor, t: Tensor, w: Tensor,

@@ -174,8 +174,19 @@ def _load_forward_ad() -> None:
     _FWAD_READY = True
 
 
-def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
-    """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD."""
+def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict,
+         explicit: Optional[bool] = None):
+    """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD.
+
+    Without a graph, a backbone with ``explicit_jvp`` (the U-Net) computes the pair itself,
+    ``model(z, r, t, ..., jvp_tangent=v)``, with no forward-AD duals (models/tangent.py: the
+    same rules, a fraction of the ops). ``explicit`` overrides the attribute (callers that
+    pass a bound forward)."""
+    if explicit is None:
+        explicit = getattr(model, "explicit_jvp", False)
+    if explicit and not torch.is_grad_enabled():
+        u, dudt = model(z, r, t, jvp_tangent=v, **cond)
+        return u, dudt
     _load_forward_ad()
     with fwAD.dual_level():
         # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed,
