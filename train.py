@@ -34,14 +34,15 @@ import torch  # noqa: E402
 
 from meanflow.config import Config, ConfigError, config_help, load_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss  # noqa: E402
-from meanflow.runtime import die_with_launcher, seed_rng, tune_cpu_allocator  # noqa: E402
+from meanflow.step import batch_to, train_step  # noqa: E402
+from meanflow.runtime import die_with_launcher, tune_cpu_allocator  # noqa: E402
 from meanflow.distributed import TrainProgress, all_ok, shutdown  # noqa: E402
 from meanflow.launch import (SetupError, check_shared_run_dir, make_accelerator,  # noqa: E402
                              resolve_paths, set_backend_flags)
 from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
                                SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
                                export_config, export_model, is_complete, list_checkpoints,
-                               load_ema, lr_at, mark_complete, mix_seed, prune_checkpoints,
+                               load_ema, mark_complete, mix_seed, prune_checkpoints,
                                save_ema)
 from meanflow.rundir import (RunLock, RunLockedError, check_model_fits, occupied,  # noqa: E402
                              pick_checkpoint, save_failure_message, set_aside, sync_export,
@@ -75,16 +76,6 @@ def build_data(cfg: Config, path: str):
                        use_labels=cfg.data.use_labels, edge_dtype=torch.uint8)
 
 
-def batch_to(batch: dict, device, cfg: Config, channels_last: bool = False):
-    x = batch["x"].to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    edge = (batch["edge"].to(device, non_blocking=True).float().div_(255)
-            if cfg.data.use_edges else None)
-    label = batch["label"].to(device, non_blocking=True) if cfg.data.use_labels else None
-    return x, edge, label
-
-
 # --------------------------------------------------------------------------------------------
 # Model, optimizer, EMA
 # --------------------------------------------------------------------------------------------
@@ -110,81 +101,6 @@ def prepare_training(accelerator, model: torch.nn.Module, cfg: Config):
     ema = EMA(accelerator.unwrap_model(model), tc.ema_decays)
     forward_model = torch.compile(model) if tc.compile else model
     return model, opt, ema, forward_model
-
-
-def _inner_optimizer(opt):
-    return getattr(opt, "optimizer", opt)           # accelerate's wrapper -> torch's AdamW
-
-
-def apply_update(opt, ok: torch.Tensor, fp16: bool) -> None:
-    """``opt.step()`` unless the gradients are not finite, decided without a host read.
-
-    fused AdamW takes a ``found_inf`` tensor and skips the update (its step count included) on
-    the device; fp16's GradScaler does the same from its own overflow check, and must see
-    every step (its scale update, and the unscale state that the next clip reads). Other
-    optimizers fall back to one host read of ``ok``.
-    """
-    inner = _inner_optimizer(opt)
-    if fp16:
-        opt.step()
-    elif inner.defaults.get("fused"):
-        inner.found_inf = (~ok).float()
-        try:
-            opt.step()
-        finally:
-            del inner.found_inf
-    elif bool(ok):
-        opt.step()
-
-
-def train_step(model, forward_model, opt, ema: EMA, loss_fn: MeanFlowLoss, micro_batches,
-               step: int, *, accelerator, cfg: Config, world: int, rank: int,
-               fp16: bool = False, channels_last: bool = False, nan: bool = False):
-    """One optimizer step over ``len(micro_batches)`` accumulation micro-steps.
-
-    Everything stays on the device: nothing here reads a tensor on the host (the optimizer's
-    non-finite guard included, see ``apply_update``), so the CPU queues the next step while
-    the GPU runs this one. Returns (ok, nonfinite, gnorm, stats), 0-dim device tensors and a
-    dict of them: ``ok``: finite gradients (the update and the EMA step were applied);
-    ``stats``: the loss statistics
-    averaged over the micro-steps, ``nonfinite`` whether the step counts towards
-    train.max_nonfinite. ``nan`` poisons the loss (a test hook).
-    """
-    tc, device = cfg.train, accelerator.device
-    stats: dict = {}
-    n_micro = len(micro_batches)
-    for micro, batch in enumerate(micro_batches):
-        x, edge, label = batch_to(batch, device, cfg, channels_last)
-        d = loss_fn.draw(tuple(x.shape[1:]), tc.batch_size, seed=tc.seed, step=step,
-                         micro=micro, rank=rank, world=world,
-                         has_cond=edge is not None or label is not None,
-                         ratio=cfg.meanflow.ratio_at(step), device=device, dtype=x.dtype)
-        noise = (d.noise.contiguous(memory_format=torch.channels_last) if channels_last
-                 else d.noise)
-        seed_rng(mix_seed(tc.seed, rank, step, micro), device)   # dropout
-        with accelerator.accumulate(model):
-            out = loss_fn(forward_model, x, edge, label, noise=noise, r=d.r, t=d.t,
-                          keep=d.keep, neq_idx=d.neq_idx, alpha=cfg.meanflow.alpha_at(step))
-            loss = out.loss * float("nan") if nan else out.loss
-            accelerator.backward(loss)
-            if micro == n_micro - 1:
-                # the norm of the synchronised gradients: identical on every rank, and
-                # non-finite on every rank as soon as one rank's loss was
-                max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                gnorm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                gnorm = torch.as_tensor(gnorm, device=device).float()
-                ok = torch.isfinite(gnorm)
-                for grp in opt.param_groups:
-                    grp["lr"] = lr_at(step, tc.lr, tc.warmup_steps, tc.max_steps, tc.schedule)
-                apply_update(opt, ok, fp16)
-                opt.zero_grad(set_to_none=True)
-        for k, v in out.stats.items():
-            stats[k] = stats.get(k, 0.0) + v.detach().float() / n_micro
-    ema.update(accelerator.unwrap_model(model), step, ok)
-    # What counts towards train.max_nonfinite: under fp16 only a non-finite loss, since
-    # GradScaler overflows (skipped too) are routine while it searches for its scale.
-    nonfinite = ~torch.isfinite(stats["loss"]) if fp16 else ~ok
-    return ok, nonfinite, gnorm, stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -230,6 +230,9 @@ class TrainConfig:
     compile: bool = _f(False, doc="torch.compile the network's plain forward/backward; the JVP "
                                   "and no-grad passes stay eager (Inductor has been reported "
                                   "to drop forward-AD tangents)")
+    cuda_graph_jvp: bool = _f(False, doc="CUDA: replay the no-grad JVP pass (split mode, exact "
+                                         "JVP) from CUDA graphs, one per r != t count "
+                                         "(meanflow/jvp_graph.py)")
     sync_every: int = _f(10, lo=1, doc="steps between the host reads of the run's state (stop "
                                        "signals, time budget, non-finite streak); logging and "
                                        "checkpoint steps read it too")
@@ -281,6 +284,14 @@ class Config:
             # the backward pass has no tangents and saves other tensors (checkpoint refuses)
             raise ConfigError("model.grad_checkpointing needs meanflow.jvp_mode=split (the "
                               "joint JVP pass cannot be recomputed in the backward pass)")
+        if self.train.cuda_graph_jvp:
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("train.cuda_graph_jvp=true needs a CUDA device, and this "
+                                  "machine has none: set it false")
+            if self.meanflow.jvp_mode != "split" or self.meanflow.fd_delta > 0:
+                raise ConfigError("train.cuda_graph_jvp needs meanflow.jvp_mode=split and "
+                                  "meanflow.fd_delta=0 (it captures the exact no-grad JVP)")
         if any(int(m) < 1 for m in self.model.channel_mults):
             raise ConfigError(f"model.channel_mults must be positive, got "
                               f"{self.model.channel_mults}")

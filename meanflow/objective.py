@@ -174,8 +174,19 @@ def _load_forward_ad() -> None:
     _FWAD_READY = True
 
 
-def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
-    """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD."""
+def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict,
+         explicit: Optional[bool] = None):
+    """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD.
+
+    Without a graph, a backbone with ``explicit_jvp`` (the U-Net) computes the pair itself,
+    ``model(z, r, t, ..., jvp_tangent=v)``, with no forward-AD duals (models/tangent.py: the
+    same rules, a fraction of the ops). ``explicit`` overrides the attribute (callers that
+    pass a bound forward)."""
+    if explicit is None:
+        explicit = getattr(model, "explicit_jvp", False)
+    if explicit and not torch.is_grad_enabled():
+        u, dudt = model(z, r, t, jvp_tangent=v, **cond)
+        return u, dudt
     _load_forward_ad()
     with fwAD.dual_level():
         # make_dual rejects overlapping memory (e.g. an expanded tensor): copy if needed,
@@ -188,6 +199,43 @@ def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict):
     return u, (torch.zeros_like(u) if dudt is None else dudt)   # None: u ignores z and t
 
 
+def _active_dropout(model: Model) -> Optional[torch.nn.Module]:
+    """The first dropout layer of ``model`` that is training with p > 0, or None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    drop = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+    return next((m for m in model.modules()
+                 if isinstance(m, drop) and m.training and m.p > 0), None)
+
+
+def fd_dudt(model: Model, z: Tensor, r: Tensor, t: Tensor, w: Tensor, delta: float,
+            cond: dict) -> Tensor:
+    """du/dt along (w, 0, 1) by a central finite difference, as ONE batched forward of the 2k
+    samples [z + delta w, z - delta w] at times [t + delta, t - delta] (call under no_grad).
+
+    Its error against the exact JVP is O(delta^2) from the curvature plus O(eps / delta) from
+    rounding (bench/jvp_overhead.py prints it). A network with active dropout is refused: the
+    two halves would draw different masks, and their difference over 2 delta is noise.
+    """
+    drop = _active_dropout(model)
+    if drop is not None:
+        raise ValueError(f"meanflow.fd_delta needs a network without active dropout (found "
+                         f"{drop} in training mode): the +delta and -delta forwards would "
+                         f"draw different masks; set model.dropout=0 or use the JVP")
+    k = z.shape[0]
+    dz = delta * w.to(z.dtype)
+    # t + delta may pass 1: the network is smooth in t, 1 is not a wall for it
+    out = model(torch.cat([z + dz, z - dz]), torch.cat([r, r]),
+                torch.cat([t + delta, t - delta]), **_repeat2(cond))
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    return (out[:k] - out[k:]) / (2.0 * delta)
+
+
+def _repeat2(cond: dict) -> dict:
+    return {name: (torch.cat([c, c]) if isinstance(c, Tensor) else c)
+            for name, c in cond.items()}
+
+
 def _select(cond: dict, idx: Tensor) -> dict:
     return {k: (c[idx] if isinstance(c, Tensor) else c) for k, c in cond.items()}
 
@@ -195,7 +243,8 @@ def _select(cond: dict, idx: Tensor) -> dict:
 def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     jvp_mode: str = "split", tangent: str = "sample",
                     neq_idx: Optional[Tensor] = None, alpha: float = 0.0,
-                    fd_delta: float = 0.0, **cond) -> tuple[Tensor, Tensor]:
+                    fd_delta: float = 0.0, jvp_graph: Optional[Callable] = None,
+                    **cond) -> tuple[Tensor, Tensor]:
     """u_theta(z, r, t) with its graph, and u_tgt = v - (t - r) du/dt, detached (Eq. 10).
 
     du/dt is the JVP of ``model`` along the tangent (w, 0, 1) of (z, r, t). ``v`` is the
@@ -214,8 +263,9 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
       trajectory target  alpha v + (1 - alpha) u_theta(z - d v, r, t - d),  d = alpha (t - r),
       from one no-grad forward. alpha = 1 is flow matching at every (r, t); alpha -> 0 is the
       MeanFlow identity (Eq. 6) as a finite difference, where the JVP takes over.
-    fd_delta > 0: du/dt by a central finite difference along (w, 0, 1) under no_grad, two
-      plain forwards instead of a JVP (MeanFlow Transformers with RAE); split mode only.
+    fd_delta > 0: du/dt by a central finite difference along (w, 0, 1) under no_grad, one
+      plain forward of the 2k samples at +-delta instead of a JVP (MeanFlow Transformers with
+      RAE; see ``fd_dudt``); split mode only, no active dropout.
 
     jvp_mode:
       "split" (default): the JVP runs without a graph (``no_grad``), on the samples with
@@ -225,6 +275,8 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
           gradient pass goes through the wrapper (gradients are synchronised); the no-grad
           pass uses the inner module. Stochastic layers (dropout) draw separate masks for the
           two passes.
+      ``jvp_graph``: a callable (model, z, r, t, w, cond) -> du/dt that replaces the eager
+          no-grad JVP, e.g. ``meanflow.jvp_graph.GraphedJVP`` (CUDA graphs).
       "joint": one forward-mode pass gives u (with graph) and du/dt together: same dropout
           mask for u and its derivative, but autograd also records the tangent computation,
           which costs time and memory (about 2x the activations).
@@ -261,11 +313,9 @@ def meanflow_target(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     if idx.numel() > 0:
         with torch.no_grad():
             if fd_delta > 0.0:
-                inner, dz = unwrap(model), fd_delta * w_s.to(z.dtype)
-                # t + delta may pass 1: the network is smooth in t, 1 is not a wall for it
-                hi = inner(z_s + dz, r_s, t_s + fd_delta, **c_s).to(out_dtype)
-                lo = inner(z_s - dz, r_s, t_s - fd_delta, **c_s).to(out_dtype)
-                d = (hi - lo) / (2.0 * fd_delta)
+                d = fd_dudt(unwrap(model), z_s, r_s, t_s, w_s, fd_delta, c_s).to(out_dtype)
+            elif jvp_graph is not None:          # train.cuda_graph_jvp (meanflow.jvp_graph)
+                d = jvp_graph(unwrap(model), z_s, r_s, t_s, w_s, c_s)
             else:
                 _, d = _jvp(unwrap(model), z_s, r_s, t_s, w_s, c_s)
         dudt[idx] = d.to(out_dtype)
@@ -327,6 +377,8 @@ class MeanFlowLoss:
         # Value checks (finite inputs, times in [0, 1], r <= t) read device tensors on the
         # host, i.e. wait for the GPU: train.py runs them on its first step only.
         self.check_values = check_values
+        # the split-mode JVP pass replayed from CUDA graphs (train.cuda_graph_jvp), or None
+        self.jvp_graph: Optional[Callable] = None
 
     def draw(self, x_shape: tuple[int, ...], global_batch: int, *, seed: int, step: int,
              micro: int = 0, rank: int = 0, world: int = 1, has_cond: bool = False,
@@ -357,6 +409,32 @@ class MeanFlowLoss:
             return a.to(dev, dt, non_blocking=True)
         return Draws(noise=put(noise[sl], dtype), r=put(r[sl]), t=put(t[sl]),
                      keep=None if keep is None else put(keep[sl]), neq_idx=put(neq_idx))
+
+    def step_loss(self, model: Model, x: Tensor, edge: Optional[Tensor] = None,
+                  label: Optional[Tensor] = None, *, step: int, micro: int = 0, rank: int = 0,
+                  world: int = 1, global_batch: int, seed: int) -> LossOutput:
+        """The loss of one training micro-step, every random input drawn here.
+
+        ``x`` is this process's slice of a global batch of ``global_batch`` samples. The
+        noise, (r, t), the r != t positions and the condition-dropout mask come from
+        :meth:`draw` at (seed, step, micro), the r != t ratio and AlphaFlow's alpha from the
+        config's schedules at ``step``, and the network's own randomness (dropout) from
+        torch's generators seeded at (seed, rank, step, micro). The noise takes x's memory
+        layout (channels_last on the CUDA U-Net), so the elementwise ops around the network
+        do not mix layouts.
+        """
+        from .runtime import seed_rng
+        cfg = self.cfg
+        d = self.draw(tuple(x.shape[1:]), global_batch, seed=seed, step=step, micro=micro,
+                      rank=rank, world=world, has_cond=edge is not None or label is not None,
+                      ratio=cfg.ratio_at(step), device=x.device, dtype=x.dtype)
+        noise = d.noise
+        if (x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        seed_rng(mix_seed(seed, rank, step, micro), x.device)                # dropout
+        return self(model, x, edge, label, noise=noise, r=d.r, t=d.t, keep=d.keep,
+                    neq_idx=d.neq_idx, alpha=cfg.alpha_at(step))
 
     def drop_mask(self, batch: int, device, has_cond: bool,
                   generator: torch.Generator | None = None) -> Optional[Tensor]:
@@ -410,7 +488,7 @@ class MeanFlowLoss:
                 v = self.teacher(z, t, t, **cond).to(v.dtype)
         v_g = guided_velocity(model, z, t, v, cfg, **cond) if has_cond else v
         u, u_tgt = meanflow_target(model, z, r, t, v_g, cfg.jvp_mode, cfg.tangent,  # Eq. 10
-                                   neq_idx, alpha, cfg.fd_delta, **cond)
+                                   neq_idx, alpha, cfg.fd_delta, self.jvp_graph, **cond)
 
         sq = (u - u_tgt) ** 2
         d = sq.flatten(1).sum(1)                                           # per-sample ||.||^2
@@ -426,4 +504,5 @@ class MeanFlowLoss:
 
 
 __all__ = ["MeanFlowLoss", "Draws", "unwrap", "uncompiled", "LossOutput", "sample_times",
-           "neq_layout", "meanflow_target", "guided_velocity", "check_times", "SEED_STREAM_DRAWS"]
+           "neq_layout", "meanflow_target", "fd_dudt", "guided_velocity", "check_times",
+           "SEED_STREAM_DRAWS"]

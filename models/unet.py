@@ -154,6 +154,8 @@ class UNet(nn.Module):
     null edge for every sample (likewise ``label=None`` the null class).
     """
 
+    explicit_jvp = True      # forward(..., jvp_tangent=v) -> (u, du/dt): meanflow's no-grad JVP
+
     def __init__(self, input_size: int = 32, in_channels: int = 4, base_channels: int = 128,
                  channel_mults: Sequence[int] = (1, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (8,), dropout: float = 0.1,
@@ -224,10 +226,16 @@ class UNet(nn.Module):
         use_fast_jvp_ops(self)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, edge: Optional[Tensor] = None,
-                label: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
+                label: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+                jvp_tangent: Optional[Tensor] = None) -> Tensor:
+        """u [B, C, H, W]; with ``jvp_tangent=v`` (no-grad use), the pair (u, du/dt) along
+        (v, 0, 1) of (z, r, t) with the tangent carried explicitly (models/tangent.py)."""
         check_inputs(z, r, t, edge, label, keep, in_channels=self.in_channels,
                      input_size=self.input_size, edge_channels=self.edge_channels,
                      edge_size=self.edge_size, num_classes=self.num_classes)
+        if jvp_tangent is not None:
+            from .tangent import unet_jvp
+            return unet_jvp(self, z, r, t, jvp_tangent, edge, label, keep)
         emb = jvp_ops.silu(self.cond(r, t, label, keep, edge is not None).to(z.dtype))  # [B, E]
         edge_feats: list[Optional[Tensor]] = [None] * len(self.down)
         if edge is not None:

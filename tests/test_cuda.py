@@ -71,6 +71,7 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     from meanflow import launch
     from meanflow.config import load_config
     from meanflow.objective import MeanFlowLoss
+    from meanflow.step import train_step
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", TINY[config] + PLAIN + overrides)
     if cfg.train.mixed_precision == "fp16" and DEV.type != "cuda":
         pytest.skip("fp16 needs CUDA")
@@ -83,7 +84,7 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     loss_fn = MeanFlowLoss(cfg.meanflow)
     out = []
     for step in range(n):
-        ok, _, gnorm, stats = train.train_step(
+        ok, _, gnorm, stats = train_step(
             model, fwd, opt, ema, loss_fn, [_batch(cfg, step)], step, accelerator=acc, cfg=cfg,
             world=1, rank=0, fp16=cfg.train.mixed_precision == "fp16",
             channels_last=train.uses_channels_last(cfg, acc.device))

@@ -19,6 +19,7 @@ import torch
 
 import train
 from meanflow import launch
+from meanflow import step as step_lib
 from helpers import PY, ROOT, env, make_pixel_dataset, run
 from meanflow.config import from_dict
 from meanflow.objective import MeanFlowLoss, neq_layout, uncompiled, unwrap
@@ -75,15 +76,15 @@ def _step_on_meta(monkeypatch, cfg, ema_before_prepare: bool = False):
     import models
     # the fused optimizer's device check has no meta kernel; the update itself is not what
     # moves tensors between devices, so a plain step stands in for it here
-    monkeypatch.setattr(train, "apply_update", lambda opt, ok, fp16: opt.step())
+    monkeypatch.setattr(step_lib, "apply_update", lambda opt, ok, fp16: opt.step())
     acc = MetaAccelerator()
     net = models.build(cfg.model)
     early = EMA(net, cfg.train.ema_decays) if ema_before_prepare else None
     model, opt, ema, fwd = train.prepare_training(acc, net, cfg)
     ema = early or ema
     loss_fn = MeanFlowLoss(cfg.meanflow, check_values=False)   # values cannot be read on meta
-    return train.train_step(model, fwd, opt, ema, loss_fn, [fake_batch()], 0, accelerator=acc,
-                            cfg=cfg, world=1, rank=0), ema
+    return step_lib.train_step(model, fwd, opt, ema, loss_fn, [fake_batch()], 0,
+                               accelerator=acc, cfg=cfg, world=1, rank=0), ema
 
 
 def test_training_step_runs_on_the_accelerator_device(monkeypatch):
@@ -108,7 +109,7 @@ def test_the_ema_network_for_grids_and_exports_lives_on_the_device(monkeypatch):
     of a device tensor into a host parameter)."""
     import models
     cfg = tiny_cfg(fused_optimizer=False, grad_accum=1)
-    monkeypatch.setattr(train, "apply_update", lambda opt, ok, fp16: opt.step())
+    monkeypatch.setattr(step_lib, "apply_update", lambda opt, ok, fp16: opt.step())
     acc = MetaAccelerator()
     model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
 
@@ -144,7 +145,7 @@ def test_fp16_scaler_sees_the_step_after_a_nonfinite_one():
         scaler.scale(loss).backward()
         scaler.unscale_(inner)                       # what accelerator.clip_grad_norm_ does
         gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        train.apply_update(opt, torch.isfinite(gnorm), fp16=True)
+        step_lib.apply_update(opt, torch.isfinite(gnorm), fp16=True)
         opt.zero_grad()
         if loss_scale != loss_scale:                 # the NaN step: skipped, scale halved
             assert torch.equal(net.weight, before) and scaler.get_scale() == 4.0
@@ -156,11 +157,11 @@ def test_fused_adamw_skips_a_nonfinite_update_on_the_device():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
     before = net.weight.detach().clone()
     net(torch.ones(2, 4)).sum().backward()
-    train.apply_update(opt, torch.tensor(False), fp16=False)
+    step_lib.apply_update(opt, torch.tensor(False), fp16=False)
     assert torch.equal(net.weight, before)
     assert opt.state[net.weight]["step"].item() == 0          # not counted as a step
     assert not hasattr(opt, "found_inf")
-    train.apply_update(opt, torch.tensor(True), fp16=False)
+    step_lib.apply_update(opt, torch.tensor(True), fp16=False)
     assert not torch.equal(net.weight, before)
     assert opt.state[net.weight]["step"].item() == 1
 
@@ -458,8 +459,8 @@ def test_channels_last_model_checkpoints_and_exports(monkeypatch, tmp_path):
     acc = CPUAccelerator()
     model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
     assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
-    train.train_step(model, fwd, opt, ema, MeanFlowLoss(cfg.meanflow), [fake_batch()], 0,
-                     accelerator=acc, cfg=cfg, world=1, rank=0, channels_last=True)
+    step_lib.train_step(model, fwd, opt, ema, MeanFlowLoss(cfg.meanflow), [fake_batch()], 0,
+                        accelerator=acc, cfg=cfg, world=1, rank=0, channels_last=True)
     (tmp_path / "ck").mkdir()
     save_ema(tmp_path / "ck", ema)
     export_model(tmp_path / "ex", model, cfg, {"codec": "pixel"}, 1, 0.9)

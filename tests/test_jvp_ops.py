@@ -112,3 +112,73 @@ def test_group_norm_channels_last_values_equal_contiguous():
     p2, t2 = _dual(fast, cl, T.contiguous(memory_format=torch.channels_last))
     assert p2.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(p1, p2, atol=1e-12) and torch.allclose(t1, t2, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["unet", "sit-add"])
+@pytest.mark.parametrize("jvp_mode", ["split", "joint"])
+def test_a_meanflow_step_equals_pytorchs_own_forward_ad(kind, jvp_mode):
+    """A whole MeanFlow step (fp32) through the fast layers gives the loss, target and every
+    gradient of the same step with torch.nn's layers and PyTorch's forward-AD rules, to fp32
+    round-off (rtol 1e-4 on gradients, the adaptive weight amplifies nothing here: p = 0)."""
+    import copy
+
+    from test_models import TINY, inputs, perturb_zero_init_
+
+    from meanflow import MeanFlowConfig, MeanFlowLoss
+    from models.layers import _FAST_JVP_CLASSES
+    torch.manual_seed(0)
+    fast = TINY[kind]()
+    perturb_zero_init_(fast, std=0.2)
+    stock = copy.deepcopy(fast)
+    back = {v: k for k, v in _FAST_JVP_CLASSES.items()}
+    for m in stock.modules():
+        m.__class__ = back.get(type(m), type(m))
+    assert not any(type(m) in back for m in stock.modules())
+    stock.explicit_jvp = False              # the U-Net's explicit pass off: forward-AD duals
+    z, _, _, edge, label = inputs(fast)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(z.shape, generator=g)
+    r, t = torch.tensor([0.2, 0.5, 0.1]), torch.tensor([0.9, 0.5, 0.3])
+    loss_fn = MeanFlowLoss(MeanFlowConfig(jvp_mode=jvp_mode, adaptive_p=0.0, cfg_omega=1.0))
+    outs = []
+    for net in (fast, stock):
+        out = loss_fn(net, z, edge, label, noise=noise, r=r, t=t,
+                      keep=torch.tensor([True, False, True]))
+        out.loss.backward()
+        outs.append((out, {n: p.grad for n, p in net.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
+    assert a.stats["tgt_rms"].item() == pytest.approx(b.stats["tgt_rms"].item(), rel=1e-5)
+    # atol against the largest gradient: a few are round-off only (a conv bias before a
+    # GroupNorm has a gradient of exactly 0 in exact arithmetic)
+    big = max(g.abs().max().item() for g in gb.values())
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-5 * big), n
+
+
+@pytest.mark.parametrize("prediction,time_embed", [("u", "sum"), ("x", "concat")])
+def test_the_unets_explicit_tangent_pass_equals_forward_ad(prediction, time_embed):
+    """UNet.forward(..., jvp_tangent=v) (models/tangent.py, no duals) gives the u and du/dt of
+    the forward-AD pass to fp32 round-off; meanflow's no-grad JVP takes it by default."""
+    from test_models import inputs, perturb_zero_init_, tiny_unet
+
+    from meanflow.objective import _jvp
+    torch.manual_seed(0)
+    net = tiny_unet(prediction=prediction, time_embed=time_embed).eval()
+    perturb_zero_init_(net, std=0.2)
+    z, r, t, edge, label = inputs(net)
+    t = torch.tensor([0.9, 0.6, 0.02])                   # one below x_pred_t_min's clamp
+    r = torch.tensor([0.2, 0.6, 0.0])
+    v = torch.randn_like(z)
+    cond = dict(edge=edge, label=label, keep=torch.tensor([True, False, True]))
+    with torch.no_grad():
+        u1, d1 = net(z, r, t, jvp_tangent=v, **cond)
+        u2, d2 = _jvp(net, z, r, t, v, cond, explicit=False)
+        plain = net(z, r, t, **cond)                       # fused attention: round-off
+        assert (u1 - plain).abs().max() <= 1e-5 * plain.abs().max()
+        u3, d3 = _jvp(net, z, r, t, v, cond)               # the default: explicit
+    assert (u1 - u2).abs().max() <= 1e-6 * u2.abs().max()
+    assert d1.abs().max() > 1e-2
+    assert torch.allclose(d1, d2, rtol=1e-5, atol=1e-5 * d2.abs().max().item()), \
+        (d1 - d2).abs().max()
+    assert torch.equal(d3, d1)

@@ -363,3 +363,26 @@ def test_first_jvp_of_a_process_raises_no_deprecation_warning():
     res = run([PY, "-W", "error::FutureWarning", "-c", code], timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "(2, 1, 8, 8)"
+
+
+def test_step_loss_is_the_draws_of_its_step_coordinates():
+    """MeanFlowLoss.step_loss draws noise, times, r != t positions, the dropout mask and the
+    network's dropout from (seed, step, micro, rank, world): the same call gives the same loss
+    bits, another micro-step another loss, and it equals draw() passed to the loss by hand."""
+    from meanflow.runtime import mix_seed, seed_rng
+    torch.manual_seed(0)
+    net = TinyConvNet(in_channels=1, ch=8, edge_channels=1)
+    x = torch.randn(4, 1, 8, 8)
+    edge = (torch.rand(4, 1, 8, 8) > 0.8).float()
+    loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=0.5, cond_drop_prob=0.3))
+    at = dict(step=3, micro=1, rank=1, world=2, global_batch=8, seed=5)
+    a = loss_fn.step_loss(net, x, edge, None, **at).loss
+    torch.manual_seed(123)                              # the global RNG does not matter
+    assert torch.equal(loss_fn.step_loss(net, x, edge, None, **at).loss, a)
+    assert not torch.equal(loss_fn.step_loss(net, x, edge, None, **{**at, "micro": 0}).loss, a)
+    d = loss_fn.draw((1, 8, 8), 8, seed=5, step=3, micro=1, rank=1, world=2, has_cond=True,
+                     ratio=0.5)
+    seed_rng(mix_seed(5, 1, 3, 1))
+    b = loss_fn(net, x, edge, None, noise=d.noise, r=d.r, t=d.t, keep=d.keep,
+                neq_idx=d.neq_idx).loss
+    assert torch.equal(a, b)

@@ -236,3 +236,31 @@ def test_the_options_table_judges_each_seed_against_the_issues_bars():
     assert options.versus("class", run(s1=70.0), run(s1=220.0)) == "0.32 met"
     assert options.versus("class", run(s1=80.0), run(s1=220.0)) == "0.36"
     assert options.versus("class", run(s2=80.0), run(s1=220.0)) == "n/a"
+
+
+def test_finite_difference_is_one_batched_forward_of_both_sides():
+    """hi and lo run as ONE no-grad forward of the 2k r != t samples (one launch sequence
+    instead of two), then the forward with a graph over the whole batch."""
+    from models.tiny import TinyConvNet
+    torch.manual_seed(0)
+    net = TinyConvNet(in_channels=1, ch=8).double()
+    sizes = []
+    net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    x, noise, r, t = batch(8)
+    r = torch.where(torch.arange(8) < 3, r, t)                 # 5 samples with r = t
+    MeanFlowLoss(MeanFlowConfig(adaptive_p=0.0, fd_delta=1e-4))(net, x, noise=noise, r=r, t=t)
+    assert sizes == [6, 8]
+
+
+def test_finite_difference_refuses_active_dropout():
+    import models
+    from meanflow.config import ModelConfig
+    net = models.build(ModelConfig(name="unet", input_size=4, in_channels=1, edge_channels=0,
+                                   base_channels=8, channel_mults=[1], num_res_blocks=1,
+                                   attn_resolutions=[], dropout=0.1)).double()
+    x, noise, r, t = batch(4)
+    loss = MeanFlowLoss(MeanFlowConfig(adaptive_p=0.0, fd_delta=1e-4))
+    with pytest.raises(ValueError, match="fd_delta needs a network without active dropout"):
+        loss(net, x, noise=noise, r=r, t=t)
+    net.eval()                                                  # no active dropout: runs
+    assert torch.isfinite(loss(net, x, noise=noise, r=r, t=t).loss)
