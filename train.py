@@ -35,14 +35,15 @@ import torch  # noqa: E402
 from meanflow.config import Config, ConfigError, config_help, load_config, to_dict  # noqa: E402
 from meanflow.objective import MeanFlowLoss  # noqa: E402
 from meanflow.step import batch_to, train_step  # noqa: E402
-from meanflow.runtime import die_with_launcher, tune_cpu_allocator  # noqa: E402
+from meanflow.runtime import (Stream, die_with_launcher, seed_rng, stream_seed,  # noqa: E402
+                              tune_cpu_allocator)
 from meanflow.distributed import TrainProgress, all_ok, shutdown  # noqa: E402
 from meanflow.launch import (SetupError, check_shared_run_dir, make_accelerator,  # noqa: E402
                              resolve_paths, set_backend_flags)
 from meanflow.training import (EMA, EXPORT_DIR, CheckpointError, Meter,  # noqa: E402
                                SeededItems, ShardedEpochSampler, checkpoint_step, ckpt_name,
                                export_config, export_model, is_complete, list_checkpoints,
-                               load_ema, mark_complete, mix_seed, prune_checkpoints,
+                               load_ema, mark_complete, prune_checkpoints,
                                save_ema)
 from meanflow.rundir import (RunLock, RunLockedError, check_model_fits, occupied,  # noqa: E402
                              pick_checkpoint, save_failure_message, set_aside, sync_export,
@@ -489,9 +490,13 @@ def load_checkpoint(sess: Session, how: str) -> int:
 def validation_batch(cfg: Config, val_data, device) -> dict:
     """The fixed batch of the validation grids (the same on every run of this seed)."""
     val_data.flip = False
-    items = [val_data[i] for i in range(min(cfg.train.num_val, len(val_data)))]
+    # an SD-VAE cache samples each item's posterior from torch's global RNG: seeded from the
+    # validation stream, and the training RNG left as it was (a resume restores it first)
+    with torch.random.fork_rng(devices=[]):
+        seed_rng(stream_seed(cfg.train.seed, Stream.VALIDATION, 1))
+        items = [val_data[i] for i in range(min(cfg.train.num_val, len(val_data)))]
     x, edge, label = batch_to(torch.utils.data.default_collate(items), device, cfg)
-    g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, 11))
+    g = torch.Generator().manual_seed(stream_seed(cfg.train.seed, Stream.VALIDATION))
     return dict(x=x, edge=edge, label=label, noise=torch.randn(x.shape, generator=g).to(device))
 
 

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 from meanflow.codec import make_decoder  # noqa: E402
 from meanflow.images import save_png, to_uint8  # noqa: E402
-from meanflow.runtime import process_device, tune_cpu_allocator  # noqa: E402
+from meanflow.runtime import Stream, process_device, stream_seed, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
-from meanflow.training import load_model, mix_seed  # noqa: E402
+from meanflow.training import load_model  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
                 idx = list(range(lo, min(n, lo + a.batch_size)))
                 edge = None if edge_all is None else edge_all[idx]
                 t0 = time.perf_counter()
-                noise = sample_noise(shape, [mix_seed(0, i) for i in idx], dev)
+                noise = sample_noise(shape, [stream_seed(0, Stream.SAMPLE, i) for i in idx], dev)
                 t1 = time.perf_counter()
                 with torch.no_grad():
                     x = sample(model, noise, steps, edge=edge, autocast_dtype=amp)

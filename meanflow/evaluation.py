@@ -17,7 +17,7 @@ import torch
 from .config import DataConfig, ModelConfig
 from .distributed import progress, shard_starts
 from .images import as_rgb
-from .runtime import mix_seed
+from .runtime import Stream, stream_seed
 from .sampling import sample, sample_noise, time_grid
 
 
@@ -96,7 +96,7 @@ def sample_batch(model, idx: list[int], cond, shape: tuple, seed: int, device: t
     """Model-space samples of the indices ``idx`` (noise from (seed, index)), and the edge
     maps they were conditioned on."""
     edge, label = cond(idx, device)
-    noise = sample_noise(shape, [mix_seed(seed, i) for i in idx], device)
+    noise = sample_noise(shape, [stream_seed(seed, Stream.SAMPLE, i) for i in idx], device)
     x = sample(model, noise, edge=edge, label=label, cfg_scale=cfg_scale, times=times,
                autocast_dtype=amp_dtype)
     return x, edge

@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .config import MeanFlowConfig
-from .runtime import mix_seed
+from .runtime import Stream, stream_seed
 
 Model = Callable[..., Tensor]
 
@@ -126,7 +126,7 @@ def neq_layout(batch: int, n_neq: int, device: torch.device | str = "cpu",
     return (rank_in_block < per).reshape(batch)
 
 
-SEED_STREAM_DRAWS = 3   # (seed, stream, step, micro-step) -> a training micro-step's draws
+SEED_STREAM_DRAWS = Stream.DRAWS   # (seed, stream, step, micro-step): meanflow.runtime.Stream
 
 
 @dataclass
@@ -394,7 +394,7 @@ class MeanFlowLoss:
         """
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
-        g = torch.Generator().manual_seed(mix_seed(seed, SEED_STREAM_DRAWS, step, micro))
+        g = torch.Generator().manual_seed(stream_seed(seed, Stream.DRAWS, step, micro))
         r, t = sample_times(self.cfg, global_batch, "cpu", g, ratio)
         noise = torch.randn((global_batch, *x_shape), generator=g)
         keep = self.drop_mask(global_batch, "cpu", has_cond, g)
@@ -432,7 +432,7 @@ class MeanFlowLoss:
         if (x.dim() == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             noise = noise.contiguous(memory_format=torch.channels_last)
-        seed_rng(mix_seed(seed, rank, step, micro), x.device)                # dropout
+        seed_rng(stream_seed(seed, Stream.DROPOUT, rank, step, micro), x.device)
         return self(model, x, edge, label, noise=noise, r=d.r, t=d.t, keep=d.keep,
                     neq_idx=d.neq_idx, alpha=cfg.alpha_at(step))
 

@@ -38,9 +38,9 @@ from .codec import make_decoder
 from .config import DataConfig, ModelConfig, from_dict
 from .edges import close_gaps, detector_from_meta, quantize
 from .images import center_crop_arr, open_image, prepare_image, to_rgb
-from .runtime import process_device
+from .runtime import Stream, process_device, stream_seed
 from .sampling import sample, sample_noise
-from .training import EXPORT_CONFIG, EXPORT_DIR, load_model, mix_seed
+from .training import EXPORT_CONFIG, EXPORT_DIR, load_model
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -300,7 +300,7 @@ class Pipeline:
         if num_per_input < 1 or batch_size < 1:
             raise InputError(f"num_per_input and batch_size must be >= 1, got {num_per_input} "
                              f"and {batch_size}")
-        items = [(c, mix_seed(seed, k), k) for k, c in
+        items = [(c, stream_seed(seed, Stream.SAMPLE, k), k) for k, c in
                  enumerate(c for c in conds for _ in range(num_per_input))]
         for i in range(0, len(items), batch_size):
             yield items[i:i + batch_size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import sys
 
@@ -37,6 +38,24 @@ def mix_seed(*parts: int) -> int:
         h ^= (int(p) + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
         h = (h * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     return h & (2**63 - 1)
+
+
+class Stream(enum.IntEnum):
+    """Every random stream of the project, in one place. A stream's seed is
+    ``mix_seed(seed, STREAM, *coordinates)`` (:func:`stream_seed`): the tag keeps streams apart
+    whatever their coordinates (tests/test_training_utils.py checks that no two share a seed
+    for ranks 0-63). Add a stream here, with a tag of its own; never reuse a tag."""
+    EPOCH_ORDER = 1     # (epoch): the order of the training data in an epoch
+    DRAWS = 3           # (step, micro): noise, times, r != t positions, condition dropout
+    AUGMENT = 7         # (epoch, index): a training item's flip and latent posterior noise
+    VALIDATION = 11     # (), (1,): the validation grid's noise, its items' posterior noise
+    DROPOUT = 13        # (rank, step, micro): the network's dropout masks on one rank
+    SAMPLE = 17         # (index): the starting noise of sample ``index`` (evaluate, pipeline)
+
+
+def stream_seed(seed: int, stream: Stream, *coords: int) -> int:
+    """The seed of ``stream`` at ``coords`` for the user's ``seed``."""
+    return mix_seed(seed, int(stream), *coords)
 
 
 def seed_rng(seed: int, device=None) -> None:

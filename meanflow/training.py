@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, write_text_atomic
 
 from .config import Config, ModelConfig, from_dict, to_dict
-from .runtime import mix_seed, seed_rng  # noqa: F401  (mix_seed: re-exported)
+from .runtime import Stream, seed_rng, stream_seed
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
@@ -62,7 +62,7 @@ class ShardedEpochSampler(torch.utils.data.Sampler):
         b = self.start_batch
         while True:
             epoch, j = divmod(b, self.per_epoch)
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, Stream.EPOCH_ORDER, epoch))
             perm = torch.randperm(self.n, generator=g)
             gb = self.bs * self.world
             for jj in range(j, self.per_epoch):
@@ -84,7 +84,7 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         epoch, i = divmod(k, len(self.dataset))
-        seed_rng(mix_seed(self.seed, 7, epoch, i))      # augmentation draws on the CPU
+        seed_rng(stream_seed(self.seed, Stream.AUGMENT, epoch, i))   # flip, posterior: CPU
         return self.dataset[i]
 
 

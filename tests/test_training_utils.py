@@ -127,3 +127,56 @@ def test_an_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
     write_text_atomic(tmp_path / "c.yaml", "x: 1\n")
     assert (tmp_path / "c.yaml").read_text() == "x: 1\n"
+
+
+def test_no_two_seed_streams_share_a_seed():
+    """Every stream of meanflow.runtime.Stream over its coordinates (ranks 0-63, steps,
+    micro-steps, epochs, item and sample indices), for two user seeds: all seeds distinct.
+    The dropout seed was mix_seed(seed, rank, step, micro), equal on rank 3 to the draws'
+    mix_seed(seed, 3, step, micro)."""
+    from itertools import product
+
+    from meanflow.runtime import Stream, stream_seed
+    coords = {
+        Stream.EPOCH_ORDER: [(e,) for e in range(200)],
+        Stream.DRAWS: list(product(range(200), range(4))),
+        Stream.AUGMENT: list(product(range(8), range(400))),
+        Stream.VALIDATION: [(), (1,)],
+        Stream.DROPOUT: list(product(range(64), range(50), range(4))),
+        Stream.SAMPLE: [(i,) for i in range(4000)],
+    }
+    assert set(coords) == set(Stream)                  # a new stream must be added here too
+    seen: dict[int, tuple] = {}
+    for seed in (0, 1):
+        for stream, cs in coords.items():
+            for c in cs:
+                s = stream_seed(seed, stream, *c)
+                assert s not in seen, (seed, stream.name, c, seen.get(s))
+                seen[s] = (seed, stream.name, c)
+
+
+def test_the_validation_batch_does_not_depend_on_the_global_rng(tmp_path):
+    """A resume restores torch's RNG before the validation batch is read: on a cache that
+    samples the latent posterior (SD-VAE), the batch must not depend on that state, and
+    reading it must leave the training RNG where it was."""
+    import train
+    from meanflow.config import from_dict
+
+    class PosteriorItems:                       # an SD-VAE reader: x = mean + std * noise
+        flip = True
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return dict(x=torch.full((1, 4, 4), float(i)) + torch.randn(1, 4, 4),
+                        edge=torch.zeros(1, 4, 4, dtype=torch.uint8), label=torch.tensor(0))
+    cfg = from_dict(dict(data=dict(use_edges=True, use_labels=False), train=dict(num_val=4)))
+    torch.manual_seed(1)
+    a = train.validation_batch(cfg, PosteriorItems(), "cpu")
+    after = torch.random.get_rng_state()
+    torch.manual_seed(2)                        # the state a resumed run restores instead
+    b = train.validation_batch(cfg, PosteriorItems(), "cpu")
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"])
+    torch.manual_seed(1)
+    assert torch.equal(torch.random.get_rng_state(), after)   # the training RNG untouched
