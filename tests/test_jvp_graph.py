@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meanflow import MeanFlowConfig, MeanFlowLoss
+from meanflow import MeanFlowLoss
 from meanflow.config import ConfigError, from_dict
 from test_gpu_path import TINY, MetaAccelerator, fake_batch
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _cfg(**train):
@@ -66,7 +65,6 @@ def _cuda_case(seed=0):
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_graphed_jvp_targets_equal_eager_ones_across_counts_and_weight_updates(dtype):
     from meanflow.jvp_graph import GraphedJVP
@@ -98,7 +96,6 @@ def test_graphed_jvp_targets_equal_eager_ones_across_counts_and_weight_updates(d
 
 
 @pytest.mark.cuda
-@cuda
 def test_train_step_with_cuda_graph_jvp_matches_the_eager_step():
     """Two steps of train_step (fp32, no dropout) give the same loss with and without graphs."""
     import models
