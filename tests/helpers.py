@@ -2,6 +2,7 @@
 the commands that run the real entry points."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -10,8 +11,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:            # the repository's models/ and meanflow/
+    sys.path.insert(0, str(ROOT))
+
+from meanflow.config import from_dict  # noqa: E402
+from models.sit import SiT  # noqa: E402
+from models.unet import UNet  # noqa: E402
+
 PY = sys.executable
 
 
@@ -105,3 +116,151 @@ def tables(md: str) -> list[list[list[str]]]:
             out.append(cur[2:])
             cur = None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Runs of train.py, models trained for sample.py / the page, sketches
+# --------------------------------------------------------------------------------------------
+def write_cfg(tmp: Path, data: Path, workers: int = 0) -> Path:
+    return tiny_config(tmp / "tiny.yaml", data, data=dict(num_workers=workers))
+
+
+def train_run(cfg: Path, run_dir: Path, *extra, nproc: int = 1, **env_extra):
+    """train.py on ``cfg`` into ``run_dir``, one process or ``nproc`` under torchrun."""
+    if nproc == 1:
+        cmd = [PY, "train.py"]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--standalone", "train.py"]
+    return run(cmd + ["--config", str(cfg), "--run-dir", str(run_dir), *extra], **env_extra)
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+MODEL = """
+model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: {ec}, edge_size: 16,
+        num_classes: {nc}, base_channels: 8, channel_mults: [1, 2], num_res_blocks: 1,
+        attn_resolutions: [], dropout: 0.0}}
+data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
+       use_edges: {edges}, use_labels: {labels}, num_workers: 0}}
+train: {{batch_size: 8, max_steps: 4, lr: 5.0e-2, log_every: 1, image_every: 100,
+        ckpt_every: 100, ema_decays: [0.1]}}
+"""
+# (large steps and an EMA that follows them: after four steps the zero-initialised condition
+# paths are no longer zero, so the images depend on the edge map or label)
+
+
+def train_tiny(tmp: Path, data: Path, name: str, edges: bool, labels: bool) -> Path:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(MODEL.format(data=data, ec=int(edges), nc=10 if labels else 0,
+                                edges=str(edges).lower(), labels=str(labels).lower()))
+    res = run([PY, "train.py", "--config", str(cfg), "--run-dir", str(tmp / name)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / name
+
+
+def ellipse(size=(300, 200), width=3, ink=0, paper=255, mode="L") -> Image.Image:
+    im = Image.new(mode, size, paper)
+    w, h = size
+    ImageDraw.Draw(im).ellipse((w // 5, h // 6, w - w // 5, h - h // 6), outline=ink,
+                               width=width)
+    return im
+
+
+# --------------------------------------------------------------------------------------------
+# In-process steps on a stand-in device, and tiny networks
+# --------------------------------------------------------------------------------------------
+TINY_CFG = dict(   # the tiny config as a dict, for in-process steps (no data on disk)
+    model=dict(name="unet", input_size=16, in_channels=1, edge_channels=1, edge_size=16,
+               num_classes=10, base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
+               attn_resolutions=[8], dropout=0.0),
+    meanflow=dict(ratio_r_neq_t=0.5, cfg_omega=1.5, cond_drop_prob=0.2),
+    data=dict(path="unused", image_size=16, codec="pixel", channels=1, use_edges=True,
+              use_labels=True, num_workers=0),
+    train=dict(batch_size=8, max_steps=6, lr=1.0e-3, ema_decays=[0.9]),
+)
+
+
+def tiny_cfg(**train_overrides):
+    cfg = from_dict(TINY_CFG)
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def fake_batch(n: int = 8) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(n, 1, 16, 16, generator=g),
+                edge=(torch.rand(n, 1, 16, 16, generator=g) > 0.8).to(torch.uint8) * 255,
+                label=torch.randint(0, 10, (n,), generator=g))
+
+
+class MetaAccelerator:
+    """What train.py uses of an Accelerator, with ``meta`` as the training device: prepare
+    moves the model there, as accelerate moves it to the GPU."""
+
+    device = torch.device("meta")
+
+    def prepare(self, model, opt):
+        return model.to(self.device), opt
+
+    def unwrap_model(self, model):
+        return model
+
+    def accumulate(self, model):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+B = 3                    # the tiny networks' batch (inputs())
+NUM_CLASSES = 3
+
+
+def tiny_unet(**kw) -> UNet:
+    args = dict(input_size=8, in_channels=2, base_channels=16, channel_mults=(1, 2),
+                num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, edge_channels=1,
+                edge_size=16, num_classes=NUM_CLASSES)
+    args.update(kw)
+    return UNet(**args)
+
+
+def tiny_sit(edge_mode: str = "add", **kw) -> SiT:
+    args = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2,
+                num_heads=2, num_classes=NUM_CLASSES, edge_channels=1, edge_size=16,
+                edge_mode=edge_mode)
+    args.update(kw)
+    return SiT(**args)
+
+
+TINY_NETS = {"unet": tiny_unet, "sit-add": lambda **kw: tiny_sit("add", **kw),
+        "sit-tokens": lambda **kw: tiny_sit("tokens", **kw)}
+
+
+def perturb_zero_init_(model: torch.nn.Module, skip: set[int] = frozenset(), std: float = 0.05,
+                       seed: int = 0) -> None:
+    """Give every all-zero parameter (zero-initialised layers, biases) small random values, so
+    that the tests below see a network whose every path matters. Parameters in ``skip`` stay."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in skip and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def inputs(model, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.in_channels, model.input_size
+    z = torch.randn(B, c, s, s, generator=g, dtype=dtype)
+    t = torch.tensor([0.9, 0.6, 0.3], dtype=dtype)
+    r = torch.tensor([0.2, 0.6, 0.1], dtype=dtype)
+    edge = (torch.rand(B, model.edge_channels, model.edge_size, model.edge_size,
+                       generator=g) > 0.7).to(dtype)
+    label = torch.tensor([0, 2, 1])
+    return z, r, t, edge, label

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers import PY, ROOT, env, make_pixel_dataset
-from test_sample import train_tiny
+from helpers import train_tiny
 
 TIMEOUT_MS = 30_000           # any one browser wait; the first image takes ~1 s on a CPU
 SERVER_START_S = 90           # imports (torch, gradio) on a busy 2-core machine

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from helpers import PY, make_pixel_dataset, run
-from test_train import train, write_cfg
+from helpers import train_run as train
+from helpers import write_cfg
 
 
 @pytest.fixture(scope="module")

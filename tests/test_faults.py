@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from helpers import PY, ROOT, env, make_pixel_dataset, run
-from test_train import final_weights, train, write_cfg
+from helpers import final_weights, write_cfg
+from helpers import train_run as train
 
 from meanflow.config import load_config
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from helpers import PY, ROOT, env, make_pixel_dataset
-from test_sample import ellipse, train_tiny
+from helpers import ellipse, train_tiny
 
 from meanflow import metrics
 

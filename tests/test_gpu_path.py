@@ -8,7 +8,6 @@ when read against a CUDA machine.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import subprocess
@@ -20,57 +19,10 @@ import torch
 import train
 from meanflow import launch
 from meanflow import step as step_lib
-from helpers import PY, ROOT, env, make_pixel_dataset, run
-from meanflow.config import from_dict
+from helpers import (PY, ROOT, TINY_CFG, MetaAccelerator, env, fake_batch, make_pixel_dataset,
+                     run, tiny_cfg)
 from meanflow.objective import MeanFlowLoss, neq_layout, uncompiled, unwrap
 from meanflow.training import EMA
-
-TINY = dict(
-    model=dict(name="unet", input_size=16, in_channels=1, edge_channels=1, edge_size=16,
-               num_classes=10, base_channels=16, channel_mults=[1, 2], num_res_blocks=1,
-               attn_resolutions=[8], dropout=0.0),
-    meanflow=dict(ratio_r_neq_t=0.5, cfg_omega=1.5, cond_drop_prob=0.2),
-    data=dict(path="unused", image_size=16, codec="pixel", channels=1, use_edges=True,
-              use_labels=True, num_workers=0),
-    train=dict(batch_size=8, max_steps=6, lr=1.0e-3, ema_decays=[0.9]),
-)
-
-
-def tiny_cfg(**train_overrides):
-    cfg = from_dict(TINY)
-    for k, v in train_overrides.items():
-        setattr(cfg.train, k, v)
-    return cfg
-
-
-def fake_batch(n: int = 8) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return dict(x=torch.randn(n, 1, 16, 16, generator=g),
-                edge=(torch.rand(n, 1, 16, 16, generator=g) > 0.8).to(torch.uint8) * 255,
-                label=torch.randint(0, 10, (n,), generator=g))
-
-
-class MetaAccelerator:
-    """What train.py uses of an Accelerator, with ``meta`` as the training device: prepare
-    moves the model there, as accelerate moves it to the GPU."""
-
-    device = torch.device("meta")
-
-    def prepare(self, model, opt):
-        return model.to(self.device), opt
-
-    def unwrap_model(self, model):
-        return model
-
-    def accumulate(self, model):
-        return contextlib.nullcontext()
-
-    def backward(self, loss):
-        loss.backward()
-
-    def clip_grad_norm_(self, params, max_norm):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
 
 def _step_on_meta(monkeypatch, cfg, ema_before_prepare: bool = False):
     import models
@@ -204,7 +156,7 @@ def dataset(tmp_path_factory):
 
 def _cfg_file(tmp_path, data) -> str:
     import yaml
-    d = {k: dict(v) for k, v in TINY.items()}
+    d = {k: dict(v) for k, v in TINY_CFG.items()}
     d["data"] = dict(d["data"], path=f"{data}/train", val_path=f"{data}/test")
     d["train"] = dict(d["train"], log_every=2, image_every=100, ckpt_every=100)
     p = tmp_path / "tiny.yaml"

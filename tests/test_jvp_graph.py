@@ -7,12 +7,12 @@ import torch
 
 from meanflow import MeanFlowLoss
 from meanflow.config import ConfigError, from_dict
-from test_gpu_path import TINY, MetaAccelerator, fake_batch
+from helpers import TINY_CFG, MetaAccelerator, fake_batch
 
 
 
 def _cfg(**train):
-    d = {k: dict(v) for k, v in TINY.items()}
+    d = {k: dict(v) for k, v in TINY_CFG.items()}
     d["train"].update(train)
     return from_dict(d)
 
@@ -26,7 +26,7 @@ def test_config_refuses_cuda_graph_jvp_without_cuda(monkeypatch):
 
 def test_config_refuses_cuda_graph_jvp_with_the_joint_pass(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    d = {k: dict(v) for k, v in TINY.items()}
+    d = {k: dict(v) for k, v in TINY_CFG.items()}
     d["train"]["cuda_graph_jvp"] = True
     d["meanflow"]["jvp_mode"] = "joint"
     with pytest.raises(ConfigError, match="needs meanflow.jvp_mode=split"):

@@ -122,12 +122,12 @@ def test_a_meanflow_step_equals_pytorchs_own_forward_ad(kind, jvp_mode):
     round-off (rtol 1e-4 on gradients, the adaptive weight amplifies nothing here: p = 0)."""
     import copy
 
-    from test_models import TINY, inputs, perturb_zero_init_
+    from helpers import TINY_NETS, inputs, perturb_zero_init_
 
     from meanflow import MeanFlowConfig, MeanFlowLoss
     from models.layers import _FAST_JVP_CLASSES
     torch.manual_seed(0)
-    fast = TINY[kind]()
+    fast = TINY_NETS[kind]()
     perturb_zero_init_(fast, std=0.2)
     stock = copy.deepcopy(fast)
     back = {v: k for k, v in _FAST_JVP_CLASSES.items()}
@@ -160,7 +160,7 @@ def test_a_meanflow_step_equals_pytorchs_own_forward_ad(kind, jvp_mode):
 def test_the_unets_explicit_tangent_pass_equals_forward_ad(prediction, time_embed):
     """UNet.forward(..., jvp_tangent=v) (models/tangent.py, no duals) gives the u and du/dt of
     the forward-AD pass to fp32 round-off; meanflow's no-grad JVP takes it by default."""
-    from test_models import inputs, perturb_zero_init_, tiny_unet
+    from helpers import inputs, perturb_zero_init_, tiny_unet
 
     from meanflow.objective import _jvp
     torch.manual_seed(0)

@@ -10,11 +10,10 @@ import models
 from meanflow import MeanFlowConfig, MeanFlowLoss
 from meanflow.config import ModelConfig
 from models import layers
-from models.sit import SIT_PATCHES, SIT_SIZES, SiT
-from models.unet import UNet
+from models.sit import SIT_PATCHES, SIT_SIZES
 
-B = 3
-NUM_CLASSES = 3
+from helpers import B, NUM_CLASSES, TINY_NETS, inputs, perturb_zero_init_, tiny_sit, tiny_unet
+
 # Published parameter counts for class-conditional ImageNet 256 (DiT Table 4; SiT uses the
 # same sizes), in millions.
 PUBLISHED_M = {"SiT-S/2": 33.0, "SiT-B/2": 130.5, "SiT-L/2": 458.1, "SiT-XL/2": 675.1}
@@ -23,52 +22,9 @@ PUBLISHED_M = {"SiT-S/2": 33.0, "SiT-B/2": 130.5, "SiT-L/2": 458.1, "SiT-XL/2": 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-def tiny_unet(**kw) -> UNet:
-    args = dict(input_size=8, in_channels=2, base_channels=16, channel_mults=(1, 2),
-                num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, edge_channels=1,
-                edge_size=16, num_classes=NUM_CLASSES)
-    args.update(kw)
-    return UNet(**args)
-
-
-def tiny_sit(edge_mode: str = "add", **kw) -> SiT:
-    args = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2,
-                num_heads=2, num_classes=NUM_CLASSES, edge_channels=1, edge_size=16,
-                edge_mode=edge_mode)
-    args.update(kw)
-    return SiT(**args)
-
-
-TINY = {"unet": tiny_unet, "sit-add": lambda **kw: tiny_sit("add", **kw),
-        "sit-tokens": lambda **kw: tiny_sit("tokens", **kw)}
-
-
 def edge_params(model: torch.nn.Module) -> set[int]:
     enc = getattr(model, "edge_encoder", None) or getattr(model, "edge_embedder", None)
     return {id(p) for p in enc.parameters()}
-
-
-def perturb_zero_init_(model: torch.nn.Module, skip: set[int] = frozenset(), std: float = 0.05,
-                       seed: int = 0) -> None:
-    """Give every all-zero parameter (zero-initialised layers, biases) small random values, so
-    that the tests below see a network whose every path matters. Parameters in ``skip`` stay."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if id(p) not in skip and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-
-
-def inputs(model, dtype=torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    c, s = model.in_channels, model.input_size
-    z = torch.randn(B, c, s, s, generator=g, dtype=dtype)
-    t = torch.tensor([0.9, 0.6, 0.3], dtype=dtype)
-    r = torch.tensor([0.2, 0.6, 0.1], dtype=dtype)
-    edge = (torch.rand(B, model.edge_channels, model.edge_size, model.edge_size,
-                       generator=g) > 0.7).to(dtype)
-    label = torch.tensor([0, 2, 1])
-    return z, r, t, edge, label
 
 
 def jvp(model, z, r, t, v, **cond):
@@ -156,9 +112,9 @@ def test_list_models_and_unknown_name():
 # --------------------------------------------------------------------------------------------
 # Conditioning
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_edge_path_is_a_noop_at_init(kind):
-    net = TINY[kind]().eval()
+    net = TINY_NETS[kind]().eval()
     perturb_zero_init_(net, skip=edge_params(net))      # everything but the edge path lives
     z, r, t, edge, label = inputs(net)
     with torch.no_grad():
@@ -171,9 +127,9 @@ def test_edge_path_is_a_noop_at_init(kind):
                                   net(z, r, t, edge=edge, label=label))
 
 
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_null_condition_differs_from_every_real_one(kind):
-    net = TINY[kind]().eval()
+    net = TINY_NETS[kind]().eval()
     perturb_zero_init_(net)
     z, r, t, edge, label = inputs(net)
     drop = torch.zeros(B, dtype=torch.bool)
@@ -203,10 +159,10 @@ def test_null_condition_differs_from_every_real_one(kind):
 # Forward-mode AD
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prediction", ["u", "x"])
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_jvp_matches_central_finite_differences(kind, prediction):
     torch.manual_seed(0)
-    net = TINY[kind](prediction=prediction).double().eval()
+    net = TINY_NETS[kind](prediction=prediction).double().eval()
     perturb_zero_init_(net, std=0.2)
     z, r, t, edge, label = inputs(net, torch.float64)
     t = t.clamp(max=0.8)                   # room for t + eps, r <= t - eps
@@ -224,9 +180,9 @@ def test_jvp_matches_central_finite_differences(kind, prediction):
         assert fd.norm() > 1e-3 and rel < 1e-6, rel
 
 
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_bf16_autocast_jvp_runs(kind):
-    net = TINY[kind]()
+    net = TINY_NETS[kind]()
     perturb_zero_init_(net)
     z, r, t, edge, label = inputs(net)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
@@ -249,12 +205,12 @@ def test_norms_compute_in_float32_under_autocast():
     assert (out.double() - ref).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_meanflow_loss_trains_every_parameter(kind):
     """Both JVP modes run through the backbone, and every parameter gets a gradient (DDP
     without find_unused_parameters needs that), also when no condition is dropped."""
     for jvp_mode in ("split", "joint"):
-        net = TINY[kind]()
+        net = TINY_NETS[kind]()
         z, _, _, edge, label = inputs(net)
         loss_fn = MeanFlowLoss(MeanFlowConfig(ratio_r_neq_t=0.5, jvp_mode=jvp_mode))
         out = loss_fn(net, z, edge, label, keep=torch.ones(B, dtype=torch.bool))
@@ -323,14 +279,14 @@ def test_bad_inputs_name_the_culprit():
         tiny_sit(edge_mode="concat")
 
 
-@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("kind", sorted(TINY_NETS))
 def test_x_prediction_gives_u_from_a_clean_image(kind):
     """prediction="x": u = (z - x_hat) / max(t, t_min), with x_hat the "u" network's output,
     so the 1-step sample e - u(e, 0, 1) is x_hat itself; bad settings are rejected."""
     torch.manual_seed(0)
-    net_u = TINY[kind]().double().eval()
+    net_u = TINY_NETS[kind]().double().eval()
     perturb_zero_init_(net_u, std=0.2)
-    net_x = TINY[kind](prediction="x", x_pred_t_min=0.25).double().eval()
+    net_x = TINY_NETS[kind](prediction="x", x_pred_t_min=0.25).double().eval()
     net_x.load_state_dict(net_u.state_dict())                 # same parameters, same keys
     z, r, t, edge, label = inputs(net_u, torch.float64)
     t = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)    # the last one is clamped
@@ -345,4 +301,4 @@ def test_x_prediction_gives_u_from_a_clean_image(kind):
     for bad, match in ((dict(prediction="eps"), "prediction must be one of"),
                        (dict(prediction="x", x_pred_t_min=0.0), "x_pred_t_min must be in")):
         with pytest.raises(ValueError, match=match):
-            TINY[kind](**bad)
+            TINY_NETS[kind](**bad)

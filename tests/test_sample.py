@@ -17,29 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import PY, ROOT, env, make_pixel_dataset, run
-
-MODEL = """
-model: {{name: unet, input_size: 16, in_channels: 1, edge_channels: {ec}, edge_size: 16,
-        num_classes: {nc}, base_channels: 8, channel_mults: [1, 2], num_res_blocks: 1,
-        attn_resolutions: [], dropout: 0.0}}
-data: {{path: {data}/train, val_path: {data}/test, image_size: 16, codec: pixel, channels: 1,
-       use_edges: {edges}, use_labels: {labels}, num_workers: 0}}
-train: {{batch_size: 8, max_steps: 4, lr: 5.0e-2, log_every: 1, image_every: 100,
-        ckpt_every: 100, ema_decays: [0.1]}}
-"""
-# (large steps and an EMA that follows them: after four steps the zero-initialised condition
-# paths are no longer zero, so the images depend on the edge map or label)
-
-
-def train_tiny(tmp: Path, data: Path, name: str, edges: bool, labels: bool) -> Path:
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(MODEL.format(data=data, ec=int(edges), nc=10 if labels else 0,
-                                edges=str(edges).lower(), labels=str(labels).lower()))
-    res = run([PY, "train.py", "--config", str(cfg), "--run-dir", str(tmp / name)])
-    assert res.returncode == 0, res.stderr[-3000:]
-    return tmp / name
-
+from helpers import PY, ROOT, ellipse, env, make_pixel_dataset, run, train_tiny
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
@@ -47,14 +25,6 @@ def models(tmp_path_factory) -> dict:
     data = make_pixel_dataset(tmp)
     return dict(edge=train_tiny(tmp, data, "edge", True, False),
                 cls=train_tiny(tmp, data, "cls", False, True))
-
-
-def ellipse(size=(300, 200), width=3, ink=0, paper=255, mode="L") -> Image.Image:
-    im = Image.new(mode, size, paper)
-    w, h = size
-    ImageDraw.Draw(im).ellipse((w // 5, h // 6, w - w // 5, h - h // 6), outline=ink,
-                               width=width)
-    return im
 
 
 def sketches(folder: Path) -> list[Path]:

@@ -12,32 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import PY, ROOT, env, make_pixel_dataset, run, tiny_config
+from helpers import PY, ROOT, env, final_weights, make_pixel_dataset, write_cfg
+from helpers import train_run as train
 
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_pixel_dataset(tmp_path_factory.mktemp("train_data"))
-
-
-def write_cfg(tmp: Path, data: Path, workers: int = 0) -> Path:
-    return tiny_config(tmp / "tiny.yaml", data, data=dict(num_workers=workers))
-
-
-def train(cfg: Path, run_dir: Path, *extra, nproc: int = 1, **env_extra):
-    if nproc == 1:
-        cmd = [PY, "train.py"]
-    else:
-        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--standalone", "train.py"]
-    return run(cmd + ["--config", str(cfg), "--run-dir", str(run_dir), *extra], **env_extra)
-
-
-def final_weights(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "export" / "model.safetensors"))
 
 
 def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
