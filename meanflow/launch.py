@@ -147,8 +147,9 @@ def make_accelerator(cfg: Config, run_dir: Path):
     # CPU when told so; on GPUs it picks NCCL by itself, except where ranks share a GPU
     # (more processes on a node than GPUs), which NCCL refuses: gloo then.
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)]
-    if shared_gpu_backend() is not None:
-        handlers.append(InitProcessGroupKwargs(backend=shared_gpu_backend()))
+    backend = shared_gpu_backend()
+    if backend is not None:
+        handlers.append(InitProcessGroupKwargs(backend=backend))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
                        gradient_accumulation_steps=tc.grad_accum,
                        log_with=None if tc.log_with == "none" else tc.log_with,
