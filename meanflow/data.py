@@ -289,3 +289,25 @@ def check_compatible(meta: dict[str, Any], data_cfg: Any, model_cfg: Any) -> Non
         n = len(meta["class_names"])
         need(n == model_cfg.num_classes, "num classes", n, "model.num_classes",
              model_cfg.num_classes, f" (classes {meta['class_names']})")
+
+
+def open_training_data(data_cfg: Any, model_cfg: Any) -> tuple[LMDBDataset, LMDBDataset]:
+    """(train set, validation set) of a training config, both checked against it before any
+    step (a mismatch found at the first image step would cost every step until then).
+    Raises FileNotFoundError (no dataset) or ValueError (one that does not fit), one line.
+
+    Edges come as uint8: a quarter of the bytes through worker shared memory and
+    host-to-device copies (the loader benchmark: 2x the samples/s of float32 edges); the
+    step scales them on the device."""
+    def open_set(path: str) -> LMDBDataset:
+        return LMDBDataset(path, flip=data_cfg.flip, use_edges=data_cfg.use_edges,
+                           use_labels=data_cfg.use_labels, edge_dtype=torch.uint8)
+    data = open_set(data_cfg.path)
+    check_compatible(data.meta, data_cfg, model_cfg)
+    val_data = open_set(data_cfg.val_path or data_cfg.path)
+    if data_cfg.val_path:
+        try:
+            check_compatible(val_data.meta, data_cfg, model_cfg)
+        except ValueError as e:
+            raise ValueError(f"data.val_path={data_cfg.val_path}: {e}") from None
+    return data, val_data

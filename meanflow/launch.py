@@ -156,3 +156,56 @@ def make_accelerator(cfg: Config, run_dir: Path):
                        project_config=ProjectConfiguration(project_dir=str(run_dir),
                                                            logging_dir=str(run_dir)),
                        kwargs_handlers=handlers)
+
+
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.channels_last and device.type == "cuda" and cfg.model.name == "unet"
+
+
+def prepare_training(accelerator, model: torch.nn.Module, cfg: Config):
+    """(model, optimizer, EMA, forward model) placed on ``accelerator.device``.
+
+    The order matters: the EMA copies the parameters AFTER ``accelerator.prepare`` has moved
+    them, so its shadows live on the training device (built before, they stay on the CPU and
+    the first update mixes devices). ``forward model`` is what the loss calls for the pass
+    with gradients: the prepared model, or its torch.compile wrapper (train.compile).
+    """
+    from meanflow.training import EMA
+    tc, device = cfg.train, accelerator.device
+    if uses_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    fused = tc.fused_optimizer and device.type in ("cuda", "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                            weight_decay=tc.weight_decay, fused=fused or None)
+    model, opt = accelerator.prepare(model, opt)
+    ema = EMA(accelerator.unwrap_model(model), tc.ema_decays)
+    forward_model = torch.compile(model) if tc.compile else model
+    return model, opt, ema, forward_model
+
+
+def per_process_batch(cfg: Config, accelerator) -> int:
+    """``train.batch_size`` (the global batch) split over the processes, with the notes a
+    launch deserves: one CPU thread per process where there are more cores, and r != t
+    samples that do not split evenly over the processes (the slowest rank sets the pace)."""
+    import math
+    tc, world = cfg.train, accelerator.num_processes
+    if tc.batch_size % world:
+        raise SetupError(f"train.batch_size={tc.batch_size} is not divisible by the number "
+                         f"of processes ({world})")
+    spare = (os.cpu_count() or 1) // world
+    if (accelerator.device.type == "cpu" and torch.get_num_threads() == 1 and spare > 1
+            and accelerator.is_main_process):
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 when it is unset
+        print(f"note: 1 thread per process on a CPU with {spare} cores per process "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); pass "
+              f"`accelerate launch --num_cpu_threads_per_process {spare}` (or set "
+              f"OMP_NUM_THREADS) to use them", flush=True)
+    n_neq = round(cfg.meanflow.ratio_r_neq_t * tc.batch_size)
+    if world > 1 and n_neq and math.gcd(tc.batch_size, n_neq) % world:
+        accelerator.print(
+            f"note: {n_neq} r != t samples per batch of {tc.batch_size} cannot be split evenly "
+            f"over {world} processes: their JVP batches differ by up to "
+            f"{n_neq // math.gcd(tc.batch_size, n_neq)} samples and the slowest sets the pace "
+            f"(choose train.batch_size and meanflow.ratio_r_neq_t so that gcd(batch, ratio x "
+            f"batch) is a multiple of the process count)")
+    return tc.batch_size // world

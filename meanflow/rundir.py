@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, write_text_atomic
 
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
-                       CheckpointError, checkpoint_step, config_diff, list_checkpoints,
-                       shape_mismatch, strip_wrappers)
+                       CheckpointError, checkpoint_step, ckpt_name, config_diff, is_complete,
+                       list_checkpoints, load_ema, save_ema, shape_mismatch, strip_wrappers)
 
 LOCK_FILE = ".lock"
 CORRUPT_SUFFIX = ".corrupt"        # a skipped checkpoint is renamed to step_XXXXXXX.corrupt
@@ -299,3 +299,198 @@ def save_failure_message(ckpt_dir: Path, step: int, e: Optional[BaseException]) 
                  "run the same command to start it again")
     return (f"error: cannot write checkpoint {Path(ckpt_dir) / f'step_{step:07d}'} ({what}); "
             f"is the disk full? Nothing of it was kept; {after}")
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder as one object: what train.py claims, resumes from and saves into
+# --------------------------------------------------------------------------------------------
+SAVE_FAILED = 4                    # exit code: a checkpoint could not be written
+
+
+class RunFolder:
+    """One training run's folder, seen by every process of the run::
+
+        RUN/config.yaml          the resolved config (written once a resume succeeded)
+        RUN/checkpoints/step_N   accelerate's state, ema.safetensors, model_config.json,
+                                 COMPLETE (written last; step_N.tmp until renamed)
+        RUN/export               the newest checkpoint's EMA 0 for inference
+        RUN/metrics.csv, RUN/tb  what meanflow.tracking writes
+        RUN/.lock                one trainer at a time (:class:`RunLock`)
+
+    ``claim`` takes it (or raises SetupError), ``resume`` loads the checkpoint a run
+    continues from, ``save`` writes one; they are collective: every process calls them.
+    """
+
+    def __init__(self, path: Path, accelerator):
+        self.path = Path(path)
+        self.acc = accelerator
+        self.lock: Optional[RunLock] = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT_DIR
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint (not checked further), or None."""
+        found = list_checkpoints(self.ckpt_dir)
+        return found[-1][1] if found else None
+
+    def _say(self, msg: str) -> None:
+        if self.acc.is_main_process:
+            print(msg, flush=True)
+
+    # ---- claim ----------------------------------------------------------------------------
+    def claim(self, resume: str) -> None:
+        """The folder for this trainer alone: shared by every node, locked, and never a
+        finished run overwritten by ``--resume none``."""
+        import atexit
+        import sys
+
+        from .distributed import all_ok
+        from .launch import SetupError, check_shared_run_dir
+        run_dir = self.path
+        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise SetupError(f"--run-dir {run_dir}: is a file, not a folder; pass a folder")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(run_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(run_dir))
+        except OSError as e:
+            raise SetupError(f"--run-dir {run_dir}: cannot be used as the run folder "
+                             f"({e.strerror or type(e).__name__}: {e.filename or run_dir})"
+                             ) from None
+        try:
+            check_shared_run_dir(self.acc, run_dir)
+        except RuntimeError as e:
+            raise SetupError(e) from None
+        problem = None
+        if self.acc.is_main_process:
+            lock = RunLock(run_dir)
+            try:
+                note = lock.acquire()
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+                atexit.register(lock.release)
+                self.lock = lock
+            except RunLockedError as e:
+                problem = str(e)
+            except OSError as e:                  # a read-only folder or file system
+                problem = (f"--run-dir {run_dir}: cannot be used as the run folder "
+                           f"({e.strerror or type(e).__name__}: {e.filename or lock.path})")
+            if problem is None and resume == "none" and occupied(run_dir):
+                problem = (f"--resume none into {run_dir}, which holds "
+                           f"{', '.join(occupied(run_dir))}: training afresh there would "
+                           f"overwrite its export and prune its checkpoints. Pass a new "
+                           f"--run-dir to start over (or --resume auto to continue this run)")
+        if not all_ok(self.acc, problem is None):
+            raise SetupError(problem or "another process could not claim the run folder")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    # ---- resume ---------------------------------------------------------------------------
+    def resume(self, how: str, model, ema, cfg) -> tuple[int, float]:
+        """Load the checkpoint ``how`` names into the prepared ``model`` (with its optimizer
+        and RNG state, through accelerate) and ``ema``: ``auto`` takes the newest one whose
+        files all load (newer ones are set aside with a warning), ``none`` nothing, else a
+        checkpoint folder. Returns (step, training seconds so far), (0, 0.0) without one.
+
+        Nothing of the folder changes before the checkpoint has loaded; then the resolved
+        config is written to RUN/config.yaml and RUN/export is made the checkpoint's."""
+        from .launch import SetupError
+        from .config import to_dict
+        acc, path, skipped = self.acc, None, []
+        if how != "none":
+            # every file is opened before anything is loaded: a truncated or refused file
+            # makes --resume auto fall back to the previous checkpoint (one warning each),
+            # and an explicit --resume PATH stop with one line naming the file
+            try:
+                if how == "auto":
+                    path, skipped = pick_checkpoint(self.ckpt_dir, self._say)
+                else:
+                    path = Path(how)
+                    if not is_complete(path):
+                        raise CheckpointError(f"{path} is not a complete checkpoint")
+                    verify_checkpoint(path)
+                if path is not None:
+                    # the shapes first: a config of another width is one line, not torch's
+                    check_model_fits(path, acc.unwrap_model(model), to_dict(cfg.model),
+                                     self.path / "config.yaml")
+                    acc.load_state(str(path))
+                    load_ema(path, ema)
+            except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:
+                raise SetupError(e) from None
+        acc.wait_for_everyone()                  # every rank has read them: now move them
+        step, trained_s = 0, 0.0
+        if acc.is_main_process:
+            set_aside(skipped, self._say)
+        if path is not None:
+            step, trained_s = checkpoint_step(path)
+            self._say(f"resumed from {path} at step {step} ({trained_s / 60:.1f} min trained)")
+            if acc.is_main_process:
+                note = sync_export(self.path, path)     # export/ = this checkpoint's EMA 0
+                if note:
+                    self._say(note)
+        if acc.is_main_process:
+            write_run_config(self.path, cfg, print)
+        return step, trained_s
+
+    # ---- save -----------------------------------------------------------------------------
+    def save(self, step: int, *, ema, export_net: Callable[[], object], cfg, meta: dict,
+             trained_s: float, before_error: Callable[[], None] = lambda: None) -> None:
+        """RUN/checkpoints/step_N, written as step_N.tmp and renamed complete: accelerate's
+        state (model, optimizer, RNG), the EMAs in safetensors, the export config and the
+        COMPLETE marker (step, training seconds); RUN/export (``export_net()``: the EMA
+        network) is refreshed before the rename. On a failure on any process (disk full,
+        quota) every process exits with SAVE_FAILED, and the previous checkpoint is left as
+        it was; ``before_error`` runs first on the main process (a progress bar to close)."""
+        import sys
+
+        from .distributed import all_ok
+        from .training import export_config, export_model, mark_complete, prune_checkpoints
+        acc = self.acc
+        acc.wait_for_everyone()
+        final = self.ckpt_dir / ckpt_name(step)
+        tmp = self.ckpt_dir / (ckpt_name(step) + ".tmp")
+        failure = None
+        # no collective inside the try: a rank that fails must not leave the others waiting
+        # (save_state makes the folder on every rank and has no barrier of its own here)
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                # the EMAs in safetensors, and the export's config: evaluate.py takes a
+                # checkpoint as it takes an export (its weights: the first EMA)
+                save_ema(tmp, ema)
+                export_config(tmp, cfg, meta, step, cfg.train.ema_decays[0])
+                mark_complete(tmp, step, trained_s)
+                # the export before the rename: a kill in between leaves the export ahead of
+                # the checkpoints, and a restart re-creates it from the one it resumes
+                export_model(self.export_dir, export_net(), cfg, meta, step,
+                             cfg.train.ema_decays[0])
+        except Exception as e:  # noqa: BLE001 - disk full, quota, read-only: all one line
+            failure = e
+        if not all_ok(acc, failure is None):             # every rank stops together
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)   # give the space back
+                before_error()
+                print(save_failure_message(self.ckpt_dir, step, failure), file=sys.stderr,
+                      flush=True)
+            raise SystemExit(SAVE_FAILED)
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)                       # atomic: never half-written
+            prune_checkpoints(self.ckpt_dir, cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def nonfinite_stop_message(self, streak: int, limit: int) -> str:
+        last = self.latest()
+        return (f"error: {streak} consecutive non-finite steps (train.max_nonfinite={limit}); "
+                f"stopping. " +
+                (f"The last good checkpoint, {last}, is intact." if last else
+                 "No checkpoint was written yet: nothing of this run is saved."))

@@ -88,6 +88,19 @@ class SeededItems(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
+def training_loader(data, cfg: Config, per_rank: int, rank: int, world: int, step: int,
+                    device) -> torch.utils.data.DataLoader:
+    """The loader of one rank's micro-batches from optimizer step ``step`` on: the same data
+    order and augmentation whatever the process and worker counts, and where a run resumed."""
+    tc = cfg.train
+    sampler = ShardedEpochSampler(len(data), per_rank, rank, world, tc.seed,
+                                  start_batch=step * tc.grad_accum)
+    return torch.utils.data.DataLoader(
+        SeededItems(data, tc.seed), batch_size=per_rank, sampler=sampler,
+        num_workers=cfg.data.num_workers, pin_memory=torch.device(device).type == "cuda",
+        drop_last=True, persistent_workers=cfg.data.num_workers > 0)
+
+
 # --------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------
@@ -129,6 +142,14 @@ class EMA:
                 delta = torch._foreach_sub(cur, avg)
                 torch._foreach_mul_(delta, apply.float() * (1.0 - d))
                 torch._foreach_add_(avg, delta)
+
+    def fill(self, net: nn.Module, live: nn.Module, index: int = 0) -> nn.Module:
+        """``net`` made the EMA network: ``live``'s buffers (and parameters), then EMA
+        ``index`` over the parameters. ``net`` must live on the training device (a copy of a
+        device tensor into a host parameter fails)."""
+        net.load_state_dict(live.state_dict())
+        self.copy_to(net, index)
+        return net
 
     def copy_to(self, model: nn.Module, index: int = 0) -> None:
         with torch.no_grad():

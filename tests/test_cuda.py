@@ -65,7 +65,6 @@ def _batch(cfg, step: int) -> dict:
 def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     """n training steps through train.py's own set-up and step; the loss statistics of each."""
     import models
-    import train
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from meanflow import launch
@@ -80,14 +79,14 @@ def _train_steps(config: str, overrides: list[str], n: int = 3) -> list[dict]:
     assert acc.device.type == DEV.type
     launch.set_backend_flags(cfg.train, acc.device)
     torch.manual_seed(0)
-    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+    model, opt, ema, fwd = launch.prepare_training(acc, models.build(cfg.model), cfg)
     loss_fn = MeanFlowLoss(cfg.meanflow)
     out = []
     for step in range(n):
         ok, _, gnorm, stats = train_step(
             model, fwd, opt, ema, loss_fn, [_batch(cfg, step)], step, accelerator=acc, cfg=cfg,
             world=1, rank=0, fp16=cfg.train.mixed_precision == "fp16",
-            channels_last=train.uses_channels_last(cfg, acc.device))
+            channels_last=launch.uses_channels_last(cfg, acc.device))
         out.append({k: float(v) for k, v in stats.items()} | dict(ok=bool(ok)))
     launch.set_backend_flags(load_config(None, ["train.tf32=false"]).train, acc.device)
     return out

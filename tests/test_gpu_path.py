@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-import train
 from meanflow import launch
 from meanflow import step as step_lib
 from helpers import (PY, ROOT, TINY_CFG, MetaAccelerator, env, fake_batch, make_pixel_dataset,
@@ -32,7 +30,7 @@ def _step_on_meta(monkeypatch, cfg, ema_before_prepare: bool = False):
     acc = MetaAccelerator()
     net = models.build(cfg.model)
     early = EMA(net, cfg.train.ema_decays) if ema_before_prepare else None
-    model, opt, ema, fwd = train.prepare_training(acc, net, cfg)
+    model, opt, ema, fwd = launch.prepare_training(acc, net, cfg)
     ema = early or ema
     loss_fn = MeanFlowLoss(cfg.meanflow, check_values=False)   # values cannot be read on meta
     return step_lib.train_step(model, fwd, opt, ema, loss_fn, [fake_batch()], 0,
@@ -56,22 +54,20 @@ def test_an_ema_built_before_prepare_is_caught(monkeypatch):
 
 
 def test_the_ema_network_for_grids_and_exports_lives_on_the_device(monkeypatch):
-    """train.py's one EMA network (Session.ema_model) is built on the training device and
-    refreshed there from the live model and EMA 0; one left on the CPU is caught (a copy out
-    of a device tensor into a host parameter)."""
+    """train.py's one EMA network (Trainer.ema_net) lives on the training device and is
+    refreshed there by EMA.fill from the live model and EMA 0; one left on the CPU is caught
+    (a copy out of a device tensor into a host parameter)."""
     import models
     cfg = tiny_cfg(fused_optimizer=False, grad_accum=1)
     monkeypatch.setattr(step_lib, "apply_update", lambda opt, ok, fp16: opt.step())
     acc = MetaAccelerator()
-    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+    model, opt, ema, fwd = launch.prepare_training(acc, models.build(cfg.model), cfg)
 
-    def session(ema_model):
-        return train.Session(acc, cfg, Path("."), {}, model, ema, ema_model=ema_model,
-                             clock=lambda: 0.0)
-    net = train.ema_weights(session(models.build(cfg.model).to(acc.device).eval()))
+    live = acc.unwrap_model(model)
+    net = ema.fill(models.build(cfg.model).to(acc.device).eval(), live)
     assert {p.device.type for p in net.parameters()} == {"meta"}
     with pytest.raises((RuntimeError, NotImplementedError)):
-        train.ema_weights(session(models.build(cfg.model).eval()))
+        ema.fill(models.build(cfg.model).eval(), live)
 
 
 def test_fp16_scaler_sees_the_step_after_a_nonfinite_one():
@@ -403,13 +399,13 @@ def test_channels_last_model_checkpoints_and_exports(monkeypatch, tmp_path):
     import models
     from meanflow.training import load_model, save_ema, export_model
     cfg = tiny_cfg(fused_optimizer=True)
-    monkeypatch.setattr(train, "uses_channels_last", lambda cfg, device: True)
+    monkeypatch.setattr(launch, "uses_channels_last", lambda cfg, device: True)
 
     class CPUAccelerator(MetaAccelerator):
         device = torch.device("cpu")
 
     acc = CPUAccelerator()
-    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+    model, opt, ema, fwd = launch.prepare_training(acc, models.build(cfg.model), cfg)
     assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
     step_lib.train_step(model, fwd, opt, ema, MeanFlowLoss(cfg.meanflow), [fake_batch()], 0,
                         accelerator=acc, cfg=cfg, world=1, rank=0, channels_last=True)

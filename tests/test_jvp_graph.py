@@ -35,7 +35,7 @@ def test_config_refuses_cuda_graph_jvp_with_the_joint_pass(monkeypatch):
 
 def test_train_step_refuses_cuda_graph_jvp_on_a_cpu_device():
     import models
-    import train
+    from meanflow import launch
     from meanflow import step as step_lib
 
     class CPUAccelerator(MetaAccelerator):
@@ -43,7 +43,7 @@ def test_train_step_refuses_cuda_graph_jvp_on_a_cpu_device():
     cfg = _cfg(fused_optimizer=False)
     cfg.train.cuda_graph_jvp = True              # as if validated on a machine with a GPU
     acc = CPUAccelerator()
-    model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+    model, opt, ema, fwd = launch.prepare_training(acc, models.build(cfg.model), cfg)
     with pytest.raises(ValueError, match="cuda_graph_jvp=true needs a CUDA training device, "
                                          "got cpu"):
         step_lib.train_step(model, fwd, opt, ema, MeanFlowLoss(cfg.meanflow), [fake_batch()],
@@ -99,7 +99,7 @@ def test_graphed_jvp_targets_equal_eager_ones_across_counts_and_weight_updates(d
 def test_train_step_with_cuda_graph_jvp_matches_the_eager_step():
     """Two steps of train_step (fp32, no dropout) give the same loss with and without graphs."""
     import models
-    import train
+    from meanflow import launch
     from meanflow import step as step_lib
 
     class CUDAAccelerator(MetaAccelerator):
@@ -110,7 +110,7 @@ def test_train_step_with_cuda_graph_jvp_matches_the_eager_step():
         cfg = _cfg(fused_optimizer=True, cuda_graph_jvp=graphs)
         torch.manual_seed(0)
         acc = CUDAAccelerator()
-        model, opt, ema, fwd = train.prepare_training(acc, models.build(cfg.model), cfg)
+        model, opt, ema, fwd = launch.prepare_training(acc, models.build(cfg.model), cfg)
         loss_fn = MeanFlowLoss(cfg.meanflow)
         run = []
         for step in range(2):

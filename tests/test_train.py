@@ -214,11 +214,11 @@ def test_cpu_budget_clock_does_not_count_time_the_process_is_stopped(tmp_path, d
 def test_a_tracker_whose_package_is_missing_is_an_error(monkeypatch, tmp_path):
     """Accelerate drops a tracker whose package is missing without a word; train.py stops."""
     import accelerate.tracking
-    import train as train_py
     from meanflow.config import ConfigError, load_config
+    from meanflow.tracking import Tracker
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["tensorboard"])
     cfg = load_config(ROOT / "configs" / "fashion_demo.yaml", ["train.log_with=wandb"])
     with pytest.raises(ConfigError) as e:
-        train_py.start_trackers(None, cfg, tmp_path)
+        Tracker(None, tmp_path).start(cfg)
     assert str(e.value) == ("train.log_with=wandb: its package is not installed (pip install "
                             "wandb)")

@@ -159,8 +159,8 @@ def test_the_validation_batch_does_not_depend_on_the_global_rng(tmp_path):
     """A resume restores torch's RNG before the validation batch is read: on a cache that
     samples the latent posterior (SD-VAE), the batch must not depend on that state, and
     reading it must leave the training RNG where it was."""
-    import train
     from meanflow.config import from_dict
+    from meanflow.validation import validation_batch
 
     class PosteriorItems:                       # an SD-VAE reader: x = mean + std * noise
         flip = True
@@ -173,10 +173,10 @@ def test_the_validation_batch_does_not_depend_on_the_global_rng(tmp_path):
                         edge=torch.zeros(1, 4, 4, dtype=torch.uint8), label=torch.tensor(0))
     cfg = from_dict(dict(data=dict(use_edges=True, use_labels=False), train=dict(num_val=4)))
     torch.manual_seed(1)
-    a = train.validation_batch(cfg, PosteriorItems(), "cpu")
+    a = validation_batch(cfg, PosteriorItems(), "cpu")
     after = torch.random.get_rng_state()
     torch.manual_seed(2)                        # the state a resumed run restores instead
-    b = train.validation_batch(cfg, PosteriorItems(), "cpu")
+    b = validation_batch(cfg, PosteriorItems(), "cpu")
     assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"])
     torch.manual_seed(1)
     assert torch.equal(torch.random.get_rng_state(), after)   # the training RNG untouched
