@@ -119,7 +119,9 @@ def build(args, cfg: Config) -> Optional[Trainer]:
     per_rank = per_process_batch(cfg, acc)
     missing = None
     try:
-        data, val_data = open_training_data(cfg.data, cfg.model)
+        data, val_data, filled = open_training_data(cfg)   # shape keys left out: the data's
+        if filled:
+            acc.print(f"from the dataset's metadata: {', '.join(filled)}")
     except FileNotFoundError as e:
         if not args.dry_run:
             raise SetupError(e) from None
@@ -137,7 +139,11 @@ def build(args, cfg: Config) -> Optional[Trainer]:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             print(f"model {cfg.model.name}: "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+            from meanflow.data import SHAPE_KEYS
+            later = [k for k in SHAPE_KEYS if cfg.given is not None and k not in cfg.given]
             print(f"dataset: MISSING ({missing}); the config and model above are valid"
+                  + (f" (left out, so the dataset's once it exists: {', '.join(later)})"
+                     if later else "")
                   if missing else
                   f"dataset {cfg.data.path}: {len(data)} records; {acc.num_processes} "
                   f"process(es), {per_rank} per process x {tc.grad_accum} accumulation")

@@ -265,7 +265,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The whole configuration: one section per dataclass above."""
+    """The whole configuration: one section per dataclass above.
+
+    ``given``: the dotted keys the file and overrides set (not a field: never saved), so that
+    the keys of the dataset's shape left out can be taken from the dataset
+    (``meanflow.data.fill_from_dataset``); None for a config not built by ``from_dict``."""
+
+    given = None
 
     model: ModelConfig = field(default_factory=ModelConfig)
     meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
@@ -353,7 +359,9 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
             raise ConfigError(f"{key}: must be {op} {hi}, got {value}")
 
 
-def _apply(obj: Any, data: dict, prefix: str) -> None:
+def _apply(obj: Any, data: dict, prefix: str, given: set | None = None) -> None:
+    """Set ``data``'s leaves on ``obj``, each type- and range-checked; the dotted key of each
+    leaf set is added to ``given``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(type(obj))
@@ -366,7 +374,7 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {type(v).__name__} {v!r}")
-            _apply(cur, v, key + ".")
+            _apply(cur, v, key + ".", given)
             continue
         choices = fields[k].metadata.get("choices") or ()
         if isinstance(v, bool) and hints[k] is str and "no" in choices:
@@ -374,6 +382,8 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
         val = _coerce(v, hints[k], key)
         _check_range(val, fields[k].metadata, key)
         setattr(obj, k, val)
+        if given is not None:
+            given.add(key)
 
 
 def _validate(obj: Any, prefix: str = "") -> None:
@@ -406,15 +416,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def from_dict(data: dict | None, overrides: list[str] | tuple = (), cls: type = Config) -> Any:
     """Build a validated config from a nested dict plus dotted overrides."""
-    cfg = cls()
-    _apply(cfg, data or {}, "")
+    cfg, given = cls(), set()
+    _apply(cfg, data or {}, "", given)
     for text in overrides:
         path, value = parse_override(text)
         nested: dict = value
         for p in reversed(path):
             nested = {p: nested}
-        _apply(cfg, nested, "")
+        _apply(cfg, nested, "", given)
     _validate(cfg)
+    if isinstance(cfg, Config):
+        cfg.given = frozenset(given)
     return cfg
 
 

@@ -291,18 +291,60 @@ def check_compatible(meta: dict[str, Any], data_cfg: Any, model_cfg: Any) -> Non
              model_cfg.num_classes, f" (classes {meta['class_names']})")
 
 
-def open_training_data(data_cfg: Any, model_cfg: Any) -> tuple[LMDBDataset, LMDBDataset]:
-    """(train set, validation set) of a training config, both checked against it before any
-    step (a mismatch found at the first image step would cost every step until then).
-    Raises FileNotFoundError (no dataset) or ValueError (one that does not fit), one line.
+SHAPE_KEYS = ("data.codec", "data.image_size", "data.channels", "model.in_channels",
+              "model.input_size", "model.edge_channels", "model.edge_size", "model.num_classes")
+
+
+def dataset_shape_keys(meta: dict[str, Any], data_cfg: Any) -> dict[str, Any]:
+    """The config keys a cached dataset decides, with its values (``check_compatible`` is
+    the check of the same keys)."""
+    xc, xh, _ = (int(v) for v in meta["x_shape"])
+    keys = {"data.codec": meta["codec"], "data.image_size": int(meta["image_size"]),
+            "data.channels": xc, "model.in_channels": xc, "model.input_size": xh}
+    if data_cfg.use_edges and meta.get("edges", "none") != "none":
+        keys.update({"model.edge_channels": int(meta["edge_channels"]),
+                     "model.edge_size": int(meta["edge_size"])})
+    if data_cfg.use_labels and meta.get("class_names"):
+        keys["model.num_classes"] = len(meta["class_names"])
+    return keys
+
+
+def fill_from_dataset(cfg: Any, meta: dict[str, Any]) -> list[str]:
+    """Take each shape key the config file and overrides left out (``cfg.given``) from the
+    dataset's metadata; the keys they give are left for ``check_compatible`` to check.
+    Returns ``key=value`` for each key changed. A config with ``given`` None (not built from a
+    file or dict) is left as it is."""
+    if cfg.given is None:
+        return []
+    changed = []
+    for key, value in dataset_shape_keys(meta, cfg.data).items():
+        section, name = key.split(".")
+        obj = getattr(cfg, section)
+        if key not in cfg.given and getattr(obj, name) != value:
+            setattr(obj, name, value)
+            changed.append(f"{key}={value}")
+    if changed:
+        cfg.model.validate()
+    return changed
+
+
+def open_training_data(cfg: Any) -> tuple[LMDBDataset, LMDBDataset, list[str]]:
+    """(train set, validation set, shape keys taken from the dataset) of a training config.
+    The shape keys the config leaves out come from the training set's metadata
+    (:func:`fill_from_dataset`), then both sets are checked against it before any step (a
+    mismatch found at the first image step would cost every step until then). Raises
+    FileNotFoundError (no dataset) or ValueError (one that does not fit), one line.
 
     Edges come as uint8: a quarter of the bytes through worker shared memory and
     host-to-device copies (the loader benchmark: 2x the samples/s of float32 edges); the
     step scales them on the device."""
+    data_cfg, model_cfg = cfg.data, cfg.model
+
     def open_set(path: str) -> LMDBDataset:
         return LMDBDataset(path, flip=data_cfg.flip, use_edges=data_cfg.use_edges,
                            use_labels=data_cfg.use_labels, edge_dtype=torch.uint8)
     data = open_set(data_cfg.path)
+    filled = fill_from_dataset(cfg, data.meta)
     check_compatible(data.meta, data_cfg, model_cfg)
     val_data = open_set(data_cfg.val_path or data_cfg.path)
     if data_cfg.val_path:
@@ -310,4 +352,4 @@ def open_training_data(data_cfg: Any, model_cfg: Any) -> tuple[LMDBDataset, LMDB
             check_compatible(val_data.meta, data_cfg, model_cfg)
         except ValueError as e:
             raise ValueError(f"data.val_path={data_cfg.val_path}: {e}") from None
-    return data, val_data
+    return data, val_data, filled

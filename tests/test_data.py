@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meanflow.config import DataConfig, ModelConfig
+from meanflow.config import Config, DataConfig, ModelConfig
 from meanflow.data import (DatasetMismatchError, LMDBDataset, check_compatible, edge_array,
                            read_meta)
 from meanflow import records
@@ -671,6 +671,27 @@ def test_check_compatible_names_both_values(fashion):
     none = dict(meta, edges="none")
     with pytest.raises(DatasetMismatchError, match="edges='none' .* data.use_edges=True"):
         check_compatible(none, data, model)
+
+
+def test_shape_keys_left_out_come_from_the_dataset_and_given_ones_are_checked(fashion):
+    """The keys a cached dataset decides: those the config leaves out are taken from its
+    metadata, those it gives are kept (for check_compatible to police), and a config that
+    was not built from a file or dict (given None) is left alone."""
+    from meanflow.config import from_dict
+    from meanflow.data import fill_from_dataset
+    meta = read_meta(fashion / "train")
+    cfg = from_dict(dict(data=dict(use_labels=True), model=dict(edge_size=64)))
+    changed = fill_from_dataset(cfg, meta)
+    assert sorted(changed) == sorted([
+        "data.codec=pixel", f"data.image_size={SIZE}", "data.channels=1",
+        "model.in_channels=1", f"model.input_size={SIZE}", "model.num_classes=10"])
+    assert cfg.model.edge_size == 64                          # given: kept, and then refused
+    with pytest.raises(DatasetMismatchError, match="model.edge_size=64"):
+        check_compatible(meta, cfg.data, cfg.model)
+    assert fill_from_dataset(cfg, meta) == []                 # a second pass changes nothing
+    bare = Config()
+    assert bare.given is None and fill_from_dataset(bare, meta) == []
+    assert bare.model.in_channels == 4
 
 
 def test_bad_invocations_fail_before_any_work(tmp_path, folder, idx_dir):

@@ -179,6 +179,30 @@ def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, datase
     assert "parameters" in res.stdout and "96 records" in res.stdout
 
 
+def test_a_config_without_the_shape_keys_takes_them_from_the_dataset(tmp_path, dataset):
+    """model.input_size / in_channels / edge_size and data.image_size / channels / codec left
+    out: the run takes them from the LMDB's metadata, says so, and RUN/config.yaml holds
+    them resolved (so the run's config alone rebuilds its model)."""
+    import yaml
+    from meanflow.config import load_config
+    cfg = yaml.safe_load(write_cfg(tmp_path, dataset).read_text())
+    for section, key in [("model", "input_size"), ("model", "in_channels"),
+                         ("model", "edge_size"), ("data", "image_size"), ("data", "channels"),
+                         ("data", "codec")]:
+        del cfg[section][key]
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(cfg))
+    res = train(short, tmp_path / "run", "train.max_steps=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("from the dataset's metadata: data.codec=pixel, data.image_size=16, "
+            "data.channels=1, model.in_channels=1, model.input_size=16, model.edge_size=16"
+            ) in res.stdout
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.model.input_size, saved.model.in_channels, saved.model.edge_size,
+            saved.data.image_size, saved.data.channels, saved.data.codec) == (
+        16, 1, 16, 16, 1, "pixel")
+
+
 def test_cpu_budget_clock_does_not_count_time_the_process_is_stopped(tmp_path, dataset):
     """train.budget_clock=cpu: train.max_minutes counts the process's CPU time, so a trainer
     that other jobs hold up still gets its whole budget (comparisons at equal compute on a
