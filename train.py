@@ -214,7 +214,7 @@ def train(args, cfg: Config, hooks: FaultHooks) -> int:
 
     def save(at: int) -> None:
         run.save(at, ema=tr.ema, export_net=tr.ema_network, cfg=cfg, meta=tr.data.meta,
-                 trained_s=tr.trained(), before_error=progress.close if progress else (lambda: None))
+                 trained_s=tr.trained(), before_error=progress and progress.close)
 
     # ---- the loop: nothing in a step reads a device tensor on the host; the run's state is
     # read at sync points (every train.sync_every steps, and at logging and checkpoint steps)

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .errors import first_line
+
 VAE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"   # the one hub id allow_download=True may fetch
 
@@ -73,8 +75,8 @@ class VAECodec:
             offline = hub_failure("--vae", name_or_path, e, "the AutoencoderKL")
             if offline:
                 raise CodecError(offline) from None
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CodecError(f"--vae {name_or_path}: cannot load an AutoencoderKL: {msg}") from None
+            raise CodecError(f"--vae {name_or_path}: cannot load an AutoencoderKL: "
+                             f"{first_line(e)}") from None
         self.torch = torch
         self.device, self.dtype = torch.device(device), tdtype
         self.vae = vae.to(self.device).eval().requires_grad_(False)
@@ -166,8 +168,8 @@ def load_decoder_vae(meta: dict, vae: Optional[str] = None, allow_download: bool
         offline = hub_failure("--vae", name, e, "the AutoencoderKL")
         if offline:
             raise CodecError(offline) from None
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CodecError(f"{where} {name}: cannot load an AutoencoderKL: {msg}") from None
+        raise CodecError(f"{where} {name}: cannot load an AutoencoderKL: "
+                         f"{first_line(e)}") from None
 
 
 def make_decoder(meta: dict, device, vae: Optional[str] = None,

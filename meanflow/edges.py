@@ -23,6 +23,8 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 
+from .errors import first_line
+
 ANNOTATORS_ID = "lllyasviel/Annotators"       # hub repo holding PiDiNet / HED weights
 CANNY_LOW, CANNY_HIGH = 100, 200
 CANNY_SIGMA_PER_PIXEL = 1.0 / 256             # blur sigma grows with the map size
@@ -224,9 +226,8 @@ def load_annotator(name: str, annotators: str = ANNOTATORS_ID, device: str = "cp
         offline = hub_failure("--annotators", annotators, e, ANNOTATOR_FILES[name])
         if offline:
             raise EdgeConfigError(f"--edges {name}: {offline}") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise EdgeConfigError(f"--edges {name}: cannot load weights from --annotators "
-                              f"{annotators}: {type(e).__name__}: {first}") from None
+                              f"{annotators}: {first_line(e, with_type=True)}") from None
     return det.to(device)
 
 

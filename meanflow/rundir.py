@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_text_atomic
+from .errors import first_line
 
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
                        CheckpointError, checkpoint_step, ckpt_name, config_diff, is_complete,
@@ -95,16 +96,6 @@ class RunLock:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: checked before use, the newest good one wins
 # --------------------------------------------------------------------------------------------
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    # torch's weights_only refusal is a paragraph around the one line that says what was
-    # refused; its boilerplate (which suggests weights_only=False) is left out
-    said = [ln for ln in lines if not ln.startswith(("Weights only load failed",
-                                                     "Please file an issue",
-                                                     "Check the documentation"))]
-    return (said or lines or [type(e).__name__])[0][:limit]
-
-
 def check_file(f: Path) -> None:
     """Open ``f`` the way resume will, without reading the tensor data (safetensors: the
     header against the file size; torch files: unpickled with ``weights_only=True``, tensors
@@ -121,7 +112,7 @@ def check_file(f: Path) -> None:
     except Exception as e:  # noqa: BLE001 - whatever is wrong, name the file and stop there
         kind = ("refused by torch.load(weights_only=True): not plain tensors"
                 if type(e).__name__ == "UnpicklingError" else type(e).__name__)
-        raise CheckpointError(f"{f}: cannot be loaded ({kind}: {_first_line(e)})") from None
+        raise CheckpointError(f"{f}: cannot be loaded ({kind}: {first_line(e)})") from None
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -148,7 +139,7 @@ def check_model_fits(ckpt: Path, model, model_cfg: dict, run_config: Path) -> No
         with safe_open(str(f), "pt") as s:
             have = strip_wrappers({k: s.get_slice(k).get_shape() for k in s.keys()})
     except Exception as e:  # noqa: BLE001 - verify_checkpoint has opened it already
-        raise CheckpointError(f"{f}: cannot be loaded ({_first_line(e)})") from None
+        raise CheckpointError(f"{f}: cannot be loaded ({first_line(e)})") from None
     bad = shape_mismatch(have, model.state_dict())
     if bad is None:
         return
@@ -274,8 +265,7 @@ def write_run_config(run_dir: Path, cfg, note: Callable[[str], None]) -> None:
         try:
             old_cfg = load_config(prev)
         except Exception as e:  # noqa: BLE001 - a torn file can fail in any way
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            note(f"warning: {prev} cannot be read ({first}); writing the resolved config "
+            note(f"warning: {prev} cannot be read ({first_line(e)}); writing the resolved config "
                  f"over it")
         else:
             if old_cfg != cfg:
@@ -289,7 +279,7 @@ def write_run_config(run_dir: Path, cfg, note: Callable[[str], None]) -> None:
 def save_failure_message(ckpt_dir: Path, step: int, e: Optional[BaseException]) -> str:
     """One line for a checkpoint that could not be written (disk full, quota, permissions):
     what failed, and which earlier checkpoint a restart will resume from."""
-    what = "another process failed" if e is None else f"{type(e).__name__}: {_first_line(e)}"
+    what = "another process failed" if e is None else first_line(e, with_type=True)
     ckpts = list_checkpoints(Path(ckpt_dir))
     if ckpts:
         after = (f"the previous checkpoint {ckpts[-1][1].name} is intact: free space (or fix "
@@ -442,7 +432,7 @@ class RunFolder:
 
     # ---- save -----------------------------------------------------------------------------
     def save(self, step: int, *, ema, export_net: Callable[[], object], cfg, meta: dict,
-             trained_s: float, before_error: Callable[[], None] = lambda: None) -> None:
+             trained_s: float, before_error: Optional[Callable[[], None]] = None) -> None:
         """RUN/checkpoints/step_N, written as step_N.tmp and renamed complete: accelerate's
         state (model, optimizer, RNG), the EMAs in safetensors, the export config and the
         COMPLETE marker (step, training seconds); RUN/export (``export_net()``: the EMA
@@ -477,7 +467,8 @@ class RunFolder:
         if not all_ok(acc, failure is None):             # every rank stops together
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)   # give the space back
-                before_error()
+                if before_error is not None:
+                    before_error()
                 print(save_failure_message(self.ckpt_dir, step, failure), file=sys.stderr,
                       flush=True)
             raise SystemExit(SAVE_FAILED)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import Config
+from .errors import first_line
 from .runtime import Stream, seed_rng, stream_seed
 from .step import batch_to
 
@@ -56,8 +57,7 @@ def validation_grid(ema_net, val: dict, cfg: Config, decoder, fail: bool = False
         images = [to_uint8(c.float()) for c in cols]          # [N, H, W, C] each
         return tile_grid([[col[i] for col in images] for i in range(len(x))], pad=1)
     except Exception as e:  # noqa: BLE001 - any failure of a picture: report and go on
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"warning: the validation grid failed ({type(e).__name__}: {first}); no image "
+        print(f"warning: the validation grid failed ({first_line(e, with_type=True)}); no image "
               f"this time, training goes on", file=sys.stderr, flush=True)
         return None
 

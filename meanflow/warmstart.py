@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .errors import first_line
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, config_diff, is_complete,
                        load_model, shape_mismatch)
 
@@ -46,9 +47,8 @@ def read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a pickle with objects, or not a torch file
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise WarmStartError(f"{path}: not a plain tensor state dict ({type(e).__name__}: "
-                             f"{first}); save its weights alone, e.g. "
+        raise WarmStartError(f"{path}: not a plain tensor state dict "
+                             f"({first_line(e, with_type=True)}); save its weights alone, e.g. "
                              f"torch.save(ckpt['ema'], 'ema.pt')") from None
     for key in ("ema", "model", "state_dict"):         # training checkpoints nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

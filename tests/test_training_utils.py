@@ -180,3 +180,17 @@ def test_the_validation_batch_does_not_depend_on_the_global_rng(tmp_path):
     assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"])
     torch.manual_seed(1)
     assert torch.equal(torch.random.get_rng_state(), after)   # the training RNG untouched
+
+
+def test_first_line_is_the_one_line_an_error_is_told_in():
+    """meanflow.errors.first_line, what every one-line refusal quotes: the first line that
+    says something (torch's weights_only boilerplate skipped), cut to a limit, and the type
+    name for an exception without a message."""
+    from meanflow.errors import first_line
+    e = RuntimeError("Weights only load failed. Re-running with weights_only=False ...\n\n"
+                     "  Unsupported global: GLOBAL os.system  \nCheck the documentation")
+    assert first_line(e) == "Unsupported global: GLOBAL os.system"
+    assert first_line(ValueError("x" * 500), limit=10) == "x" * 10
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(OSError("disk full\nmore"), with_type=True) == "OSError: disk full"
+    assert first_line(OSError(), with_type=True) == "OSError"

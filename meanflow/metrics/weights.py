@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from meanflow.atomic import atomic_path
+from meanflow.errors import first_line
 
 from meanflow.metrics._common import (CONVERTED_NAME, FEATURE_DIM, FID_HELPER_FILE,
                                       FID_HELPER_PACKAGE, FID_HELPER_SHA1, INSTALL_HINT,
@@ -165,11 +166,6 @@ def fid_weights_path(explicit: Optional[Union[str, Path]] = None,
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def load_weights(path: Union[str, Path]) -> dict[str, Tensor]:
     """A state dict from .safetensors, or from a .pth WITHOUT executing pickled code; a file
     that is neither is a one-line ValueError naming it."""
@@ -180,7 +176,7 @@ def load_weights(path: Union[str, Path]) -> dict[str, Tensor]:
             return load_file(str(p))
         except Exception as e:  # noqa: BLE001 - torn or not safetensors: name the file
             raise ValueError(f"--fid-weights {str(p)!r}: not a readable .safetensors "
-                             f"({_first_line(e)})") from None
+                             f"({first_line(e, with_type=True)})") from None
     try:
         with warnings.catch_warnings():      # (a plain pickle: torch warns, then refuses it)
             warnings.simplefilter("ignore", UserWarning)
@@ -188,7 +184,7 @@ def load_weights(path: Union[str, Path]) -> dict[str, Tensor]:
     except Exception as e:       # unpickling error: not a plain tensor dict
         # (torch's message runs over many lines: its first says what was refused)
         raise ValueError(f"--fid-weights {str(p)!r}: not a plain state dict "
-                         f"({_first_line(e)})") from None
+                         f"({first_line(e, with_type=True)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"--fid-weights {str(p)!r}: expected a dict of tensors")
     return sd
