@@ -44,3 +44,61 @@ def pytest_terminal_summary(terminalreporter):
     if not_run:
         terminalreporter.write_line(f"{len(not_run)} CUDA tests not run: no GPU "
                                     f"(`make gpu-test` runs them on one)", yellow=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared fixtures. What takes a subprocess to make is made once per test process (session
+# scope) and handed to each module as its own copy: a module may write next to it (FID
+# caches beside the dataset, evaluations inside a run) without another module seeing that.
+# --------------------------------------------------------------------------------------------
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _copy(src: Path, factory, name: str) -> Path:
+    dst = factory.mktemp(name) / src.name
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def _tiny_dataset(tmp_path_factory) -> Path:
+    from helpers import make_pixel_dataset
+    return make_pixel_dataset(tmp_path_factory.mktemp("tiny_dataset"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, _tiny_dataset) -> Path:
+    """The tiny cached pixel dataset (helpers.make_pixel_dataset: 16x16, Canny edges, 10
+    labels; train/ and test/), this module's own copy."""
+    return _copy(_tiny_dataset, tmp_path_factory, "dataset")
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path, dataset):
+    """A factory: ``tiny_config_file(train=dict(max_steps=2))`` writes the tiny config over
+    ``dataset`` (helpers.tiny_config) to a new file of this test's tmp_path."""
+    from helpers import tiny_config
+    made = []
+
+    def make(**overrides) -> Path:
+        made.append(tmp_path / f"tiny_{len(made)}.yaml")
+        return tiny_config(made[-1], dataset, **overrides)
+    return make
+
+
+@pytest.fixture(scope="session")
+def _edge_run(tmp_path_factory, _tiny_dataset) -> Path:
+    from helpers import train_tiny
+    data = _copy(_tiny_dataset, tmp_path_factory, "edge_run_data")   # the master stays clean
+    return train_tiny(tmp_path_factory.mktemp("edge_run"), data, "edge", True, False)
+
+
+@pytest.fixture(scope="module")
+def edge_run(tmp_path_factory, _edge_run) -> Path:
+    """A trained tiny edge-conditioned run (helpers.train_tiny "edge": edges, no labels;
+    checkpoints and export/), this module's own copy. Its config names the dataset it was
+    trained on, shared by the copies: evaluations may cache reference statistics there, which
+    give the same numbers as computing them afresh."""
+    return _copy(_edge_run, tmp_path_factory, "edge_run")

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import PY, ROOT, env, make_pixel_dataset
-from helpers import train_tiny
+from helpers import PY, ROOT, env
 
 TIMEOUT_MS = 30_000           # any one browser wait; the first image takes ~1 s on a CPU
 SERVER_START_S = 90           # imports (torch, gradio) on a busy 2-core machine
@@ -47,10 +46,9 @@ def requirements() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(edge_run):
     chromium = requirements()
-    tmp = tmp_path_factory.mktemp("app")
-    run_dir = train_tiny(tmp, make_pixel_dataset(tmp), "edge", True, False)
+    run_dir = edge_run
     with socket.socket() as s:                         # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

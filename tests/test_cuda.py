@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PY, ROOT, make_pixel_dataset, run, tiny_config
+from helpers import PY, ROOT, run, tiny_config
 
 pytestmark = pytest.mark.cuda
 DEV = torch.device(os.environ.get("MEANFLOW_CUDA_TIER_DEVICE", "cuda"))
@@ -156,9 +156,9 @@ def test_bf16_jvp_matches_the_fp32_jvp(config):
 
 
 @pytest.fixture(scope="module")
-def gpu_cfg(tmp_path_factory) -> Path:
+def gpu_cfg(tmp_path_factory, dataset) -> Path:
     tmp = tmp_path_factory.mktemp("cuda_tier")
-    return tiny_config(tmp / "tiny.yaml", make_pixel_dataset(tmp),
+    return tiny_config(tmp / "tiny.yaml", dataset,
                        train=dict(log_every=1, keep_checkpoints=2, ema_decays=[0.9],
                                   log_with="none"))
 

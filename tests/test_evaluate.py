@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PY, make_pixel_dataset, run
+from helpers import PY, run
 from helpers import train_run as train
 from helpers import write_cfg
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, dataset) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
-    data = make_pixel_dataset(tmp)
-    res = train(write_cfg(tmp, data), tmp / "run", "train.max_steps=3", "train.ckpt_every=1",
+    res = train(write_cfg(tmp, dataset), tmp / "run", "train.max_steps=3", "train.ckpt_every=1",
                 "train.keep_checkpoints=3")
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "run"

@@ -32,11 +32,6 @@ from meanflow.config import load_config
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_pixel_dataset(tmp_path_factory.mktemp("faults_data"))
-
-
-@pytest.fixture(scope="module")
 def finished(tmp_path_factory, dataset) -> tuple[Path, Path]:
     """A finished 6-step run (checkpoints 3 and 6, export at 6); tests copy it."""
     tmp = tmp_path_factory.mktemp("finished")
@@ -113,9 +108,9 @@ def test_offline_hub_id_says_offline_and_how_to_pass_a_folder(tmp_path, flags, c
 # --------------------------------------------------------------------------------------------
 # train.py: start-up checks
 # --------------------------------------------------------------------------------------------
-def test_validation_set_that_does_not_fit_fails_before_training(tmp_path, dataset):
+def test_validation_set_that_does_not_fit_fails_before_training(tmp_path, tiny_config_file):
     other = make_pixel_dataset(tmp_path / "other", image_size=8)      # another size
-    cfg = write_cfg(tmp_path, dataset)
+    cfg = tiny_config_file()
     rd = tmp_path / "run"
     res = train(cfg, rd, f"data.val_path={other}/test")
     assert res.returncode == 2
@@ -125,8 +120,9 @@ def test_validation_set_that_does_not_fit_fails_before_training(tmp_path, datase
     assert not (rd / "checkpoints").exists()
 
 
-def test_a_failing_validation_grid_costs_the_picture_not_the_run(tmp_path, dataset, finished):
-    cfg = write_cfg(tmp_path, dataset)
+def test_a_failing_validation_grid_costs_the_picture_not_the_run(tmp_path, tiny_config_file,
+                                                                 finished):
+    cfg = tiny_config_file()
     rd = tmp_path / "run"
     res = train(cfg, rd, MEANFLOW_FAIL_VALIDATION_GRID=1)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -136,8 +132,8 @@ def test_a_failing_validation_grid_costs_the_picture_not_the_run(tmp_path, datas
     assert equal(final_weights(rd), final_weights(finished[1]))
 
 
-def test_dry_run_before_the_dataset_exists_and_help_lists_config_keys(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_dry_run_before_the_dataset_exists_and_help_lists_config_keys(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     res = train(cfg, tmp_path / "dry", "--dry-run", f"data.path={tmp_path}/nowhere",
                 f"data.val_path={tmp_path}/nowhere")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -257,8 +253,8 @@ def test_pickle_refused_by_weights_only_is_one_line_naming_the_file(tmp_path, fi
     assert "skipping checkpoint step_0000006" in res.stdout and not pwned.exists()
 
 
-def test_two_trainers_on_one_run_folder_and_restart_after_kill_9(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_two_trainers_on_one_run_folder_and_restart_after_kill_9(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     rd = tmp_path / "run"
 
     def start():

@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import PY, ROOT, env, make_pixel_dataset
-from helpers import ellipse, train_tiny
+from helpers import PY, ROOT, env
+from helpers import ellipse
 
 from meanflow import metrics
 
 D = metrics.FEATURE_DIM
-
-
-@pytest.fixture(scope="module")
-def edge_run(tmp_path_factory) -> Path:
-    """A tiny edge-conditioned run (export/) over a cached pixel dataset (train, test)."""
-    tmp = tmp_path_factory.mktemp("faults_eval")
-    return train_tiny(tmp, make_pixel_dataset(tmp), "edge", True, False)
 
 
 def one_line_errors(procs: dict) -> dict:

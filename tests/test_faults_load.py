@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import PY, make_pixel_dataset, run, tiny_config
+from helpers import PY, run, tiny_config
 
 from meanflow.config import ConfigError, load_config
 
@@ -41,10 +41,10 @@ def train(cfg: Path, run_dir: Path, *extra):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, dataset) -> dict:
     """A finished 2-step run (edges and labels; checkpoint and export at step 2)."""
     tmp = tmp_path_factory.mktemp("faults_load")
-    data = make_pixel_dataset(tmp)
+    data = dataset
     cfg = tiny_config(tmp / "tiny.yaml", data, model=dict(attn_resolutions=[]),
                       meanflow=None,
                       train=dict(max_steps=2, lr=5.0e-2, warmup_steps=0, log_every=1,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PY, make_pixel_dataset, run
+from helpers import PY, run
 from meanflow import metrics
 
 
@@ -187,8 +187,8 @@ def test_scores_warn_below_one_thousand_samples():
 # preprocess/fid_stats.py against evaluate.py's in-cache reference
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_pixel_dataset(tmp_path_factory.mktemp("fid_stats"))
+def data(dataset) -> Path:
+    return dataset
 
 
 def fid_stats(*args, nproc: int = 1, **env):

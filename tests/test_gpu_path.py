@@ -17,8 +17,7 @@ import torch
 
 from meanflow import launch
 from meanflow import step as step_lib
-from helpers import (PY, ROOT, TINY_CFG, MetaAccelerator, env, fake_batch, make_pixel_dataset,
-                     run, tiny_cfg)
+from helpers import PY, ROOT, TINY_CFG, MetaAccelerator, env, fake_batch, run, tiny_cfg
 from meanflow.objective import MeanFlowLoss, neq_layout, uncompiled, unwrap
 from meanflow.training import EMA
 
@@ -143,11 +142,6 @@ def test_mixed_precision_no_is_accepted_from_yaml_and_the_command_line():
     from meanflow.config import load_config
     cfg = load_config(None, ["train.mixed_precision=no"])
     assert cfg.train.mixed_precision == "no"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_pixel_dataset(tmp_path_factory.mktemp("gpu_path_data"))
 
 
 def _cfg_file(tmp_path, data) -> str:

@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from helpers import PY, ROOT, ellipse, env, make_pixel_dataset, run, train_tiny
+from helpers import PY, ROOT, ellipse, env, run, train_tiny
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("sample")
-    data = make_pixel_dataset(tmp)
-    return dict(edge=train_tiny(tmp, data, "edge", True, False),
-                cls=train_tiny(tmp, data, "cls", False, True))
+def models(tmp_path_factory, dataset, edge_run) -> dict:
+    return dict(edge=edge_run,
+                cls=train_tiny(tmp_path_factory.mktemp("sample"), dataset, "cls", False, True))
 
 
 def sketches(folder: Path) -> list[Path]:

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import PY, ROOT, env, final_weights, make_pixel_dataset, write_cfg
+from helpers import PY, ROOT, env, final_weights
 from helpers import train_run as train
 
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_pixel_dataset(tmp_path_factory.mktemp("train_data"))
-
-
-def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset, workers=1)
+def test_one_process_writes_checkpoints_export_and_logs(tmp_path, tiny_config_file):
+    cfg = tiny_config_file(data=dict(num_workers=1))
     res = train(cfg, tmp_path / "run")
     assert res.returncode == 0, res.stderr[-3000:]
     rd = tmp_path / "run"
@@ -65,8 +59,8 @@ def test_one_process_writes_checkpoints_export_and_logs(tmp_path, dataset):
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
-def test_two_processes_train_the_same_model_as_one(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_two_processes_train_the_same_model_as_one(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     one = train(cfg, tmp_path / "one")
     two = train(cfg, tmp_path / "two", nproc=2)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -81,8 +75,8 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, dataset):
     assert (v1 - v2).norm() / v1.norm() < 1e-3
 
 
-def test_killed_run_resumes_bitwise_identical(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset, workers=1)
+def test_killed_run_resumes_bitwise_identical(tmp_path, tiny_config_file):
+    cfg = tiny_config_file(data=dict(num_workers=1))
     ref = train(cfg, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     rd = tmp_path / "killed"
@@ -106,8 +100,8 @@ def test_killed_run_resumes_bitwise_identical(tmp_path, dataset):
     assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == before
 
 
-def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     res = train(cfg, tmp_path / "skip", MEANFLOW_INJECT_NAN_STEPS="1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 1: non-finite loss or gradient, update skipped" in res.stdout
@@ -134,8 +128,8 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path, dataset):
     assert not (tmp_path / "early" / "checkpoints").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     rd = tmp_path / "term"
     proc = subprocess.Popen([PY, "train.py", "--config", str(cfg), "--run-dir", str(rd),
                              "train.max_steps=100000", "train.ckpt_every=100000",
@@ -163,8 +157,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, dataset):
     assert list((rd / "checkpoints").glob("step_*")) == ckpts
 
 
-def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, dataset):
-    cfg = write_cfg(tmp_path, dataset)
+def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, tiny_config_file):
+    cfg = tiny_config_file()
     res = train(cfg, tmp_path / "typo", "train.lrr=1")
     assert res.returncode == 2 and "unknown config key 'train.lrr'" in res.stderr
     res = train(cfg, tmp_path / "size", "data.image_size=32", "model.input_size=32",
@@ -179,13 +173,14 @@ def test_bad_config_and_mismatched_dataset_fail_before_training(tmp_path, datase
     assert "parameters" in res.stdout and "96 records" in res.stdout
 
 
-def test_a_config_without_the_shape_keys_takes_them_from_the_dataset(tmp_path, dataset):
+def test_a_config_without_the_shape_keys_takes_them_from_the_dataset(tmp_path,
+                                                                    tiny_config_file):
     """model.input_size / in_channels / edge_size and data.image_size / channels / codec left
     out: the run takes them from the LMDB's metadata, says so, and RUN/config.yaml holds
     them resolved (so the run's config alone rebuilds its model)."""
     import yaml
     from meanflow.config import load_config
-    cfg = yaml.safe_load(write_cfg(tmp_path, dataset).read_text())
+    cfg = yaml.safe_load(tiny_config_file().read_text())
     for section, key in [("model", "input_size"), ("model", "in_channels"),
                          ("model", "edge_size"), ("data", "image_size"), ("data", "channels"),
                          ("data", "codec")]:
@@ -203,13 +198,13 @@ def test_a_config_without_the_shape_keys_takes_them_from_the_dataset(tmp_path, d
         16, 1, 16, 16, 1, "pixel")
 
 
-def test_cpu_budget_clock_does_not_count_time_the_process_is_stopped(tmp_path, dataset):
+def test_cpu_budget_clock_does_not_count_time_the_process_is_stopped(tmp_path, tiny_config_file):
     """train.budget_clock=cpu: train.max_minutes counts the process's CPU time, so a trainer
     that other jobs hold up still gets its whole budget (comparisons at equal compute on a
     shared machine). The stimulus is a SIGSTOP of 3 s, longer than the 1.2 s budget: a wall
     clock would stop at the first step after it. Also: train.log_with=none writes no
     TensorBoard folder, and metrics.csv still."""
-    cfg = write_cfg(tmp_path, dataset)
+    cfg = tiny_config_file()
     rd = tmp_path / "cpu"
     proc = subprocess.Popen([PY, "train.py", "--config", str(cfg), "--run-dir", str(rd),
                              "train.max_steps=100000", "train.ckpt_every=100000",
