@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from meanflow import precision  # noqa: E402
 from meanflow.atomic import atomic_path, write_text_atomic  # noqa: E402
 from meanflow.config import DataConfig, ModelConfig, from_dict  # noqa: E402
 from meanflow.distributed import (finish, gather, init_state, progress, shard_starts,  # noqa: E402
@@ -64,9 +65,8 @@ from meanflow.outputs import plan  # noqa: E402
 from meanflow.runtime import tune_cpu_allocator  # noqa: E402
 from meanflow.training import load_model  # noqa: E402
 
-PRECISIONS = ("auto", "fp32", "bf16")
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
+# --precision: the precision table's names that sampling supports (fp32 is also "no")
+PRECISIONS = (precision.AUTO, "fp32", "no", "bf16")
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -100,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="samples per forward pass on each process (batches are fixed by "
                          "sample index; a process takes every world-th one)")
     ap.add_argument("--precision", default="auto", choices=PRECISIONS,
-                    help="network precision while sampling: bf16 autocast or fp32; auto = "
+                    help="network precision while sampling: bf16 autocast or fp32 (also "
+                         "called no, as in train.mixed_precision); auto = "
                          "bf16 on a CUDA device that supports it, else fp32. Decoding and "
                          "Inception always run in fp32")
     ap.add_argument("--cfg-scale", type=float, default=1.0,
@@ -131,12 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on a CUDA device with bf16, else 'fp32' (CPU autocast is opt-in)."""
-    if precision == "auto":
-        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if ok else "fp32"
-    return precision
+def resolve_precision(name: str, device: torch.device) -> str:
+    """--precision as the results name it: 'auto' -> 'bf16' on a CUDA device with bf16, else
+    'fp32' (CPU autocast is opt-in); 'no' is 'fp32'."""
+    auto = name == precision.AUTO
+    mode = precision.auto_precision(device) if auto else precision.canonical(name)
+    return "fp32" if mode == "no" else mode
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ def run_evaluation(argv=None) -> int:
                cond=conditions(ds, dcfg, mcfg, args.balanced_labels),
                names=sample_names(ds, meta, args.balanced_labels, mcfg),
                decode=decode, detector=detector,
-               state=state, device=device, amp_dtype=AMP_DTYPES[args.precision])
+               state=state, device=device, amp_dtype=precision.autocast_dtype(args.precision))
     data = "none" if ds is None else str(Path(ds.path).resolve())
     ctx["data"] = data
     report = dict(args=args, n=n, data=data, weights=weights, ref_file=ref_file,
