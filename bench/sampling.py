@@ -20,11 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from meanflow import precision  # noqa: E402
 from meanflow.codec import make_decoder  # noqa: E402
+from meanflow.export import Export  # noqa: E402
 from meanflow.images import save_png, to_uint8  # noqa: E402
 from meanflow.runtime import Stream, process_device, stream_seed, tune_cpu_allocator  # noqa: E402
 from meanflow.sampling import sample, sample_noise  # noqa: E402
-from meanflow.training import load_model  # noqa: E402
 
 
 def main() -> None:
@@ -40,14 +41,14 @@ def main() -> None:
     tune_cpu_allocator()
     n = 64 if a.quick else a.n
     dev = process_device(a.device)
-    amp = torch.bfloat16 if a.precision == "bf16" else None
-    model, info = load_model(a.ckpt, dev)
-    m = info["model"]
-    shape = (m["in_channels"], m["input_size"], m["input_size"])
-    decode = make_decoder(info["dataset_meta"], dev)
-    es = m["edge_size"]
-    edge_all = (torch.rand(n, m["edge_channels"], es, es) > 0.85).float().to(dev) \
-        if m["edge_channels"] else None
+    amp = precision.autocast_dtype(a.precision)
+    export = Export.read(a.ckpt)
+    model, m = export.build(dev), export.model
+    shape = (m.in_channels, m.input_size, m.input_size)
+    decode = make_decoder(export.dataset_meta, dev)
+    es = m.edge_size
+    edge_all = (torch.rand(n, m.edge_channels, es, es) > 0.85).float().to(dev) \
+        if m.edge_channels else None
     print(f"checkpoint {a.ckpt}, N = {n}, batch {a.batch_size}, {dev}, {a.precision}, "
           f"threads {torch.get_num_threads()}")
     print("| NFE | network only (img/s) | end to end (img/s) | overhead |")

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from . import precision
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or out of range."""
@@ -214,8 +216,9 @@ class TrainConfig:
                        doc="learning rate after warm-up: constant, or cosine decay to 0 at "
                            "max_steps")
     grad_clip: float = _f(1.0, lo=0.0, doc="max grad norm (0 = off)")
-    mixed_precision: str = _f("auto", choices=("auto", "no", "bf16", "fp16"),
-                              doc="autocast dtype. auto: `accelerate launch --mixed_precision` "
+    mixed_precision: str = _f("auto", choices=(precision.AUTO, *precision.NAMES),
+                              doc="autocast dtype (no = fp32). auto: `accelerate launch "
+                                  "--mixed_precision` "
                                   "if given, else bf16 on a CUDA GPU that has it and no (fp32) "
                                   "elsewhere. An explicit value that contradicts the launcher's "
                                   "is an error; fp16 needs a CUDA GPU")

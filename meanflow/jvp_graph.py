@@ -142,8 +142,10 @@ class GraphedJVP:
 
 
 def autocast_dtype_of(mixed_precision: str) -> Optional[torch.dtype]:
-    """The autocast dtype of accelerate's ``mixed_precision`` setting ("no" -> None)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    """The autocast dtype of accelerate's ``mixed_precision`` setting ("no" -> None; a mode
+    the precision table does not know, such as fp8, -> None too)."""
+    from .precision import NAMES, autocast_dtype
+    return autocast_dtype(mixed_precision) if str(mixed_precision).lower() in NAMES else None
 
 
 __all__ = ["GraphedJVP", "autocast_dtype_of"]

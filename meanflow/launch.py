@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from meanflow import precision
 from meanflow.config import Config, ConfigError
 
 LAUNCH_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"          # accelerate launch --mixed_precision
@@ -22,22 +23,21 @@ def resolve_precision(tc, device: torch.device, env=os.environ) -> str:
 
     ``accelerate launch`` always exports its flag ("no" when not given), so only a launcher
     value other than "no" counts as asked for. An explicit config value that contradicts it is
-    an error rather than a silent override in either direction.
+    an error rather than a silent override in either direction. Names are those of
+    :mod:`meanflow.precision` (``fp32`` is ``no``); the result is the canonical one, what
+    accelerate takes.
     """
     launched = (env.get(LAUNCH_PRECISION_ENV) or "no").lower()
-    want = tc.mixed_precision
-    if want == "auto":
-        if launched != "no":
-            want = launched
-        elif device.type == "cuda" and torch.cuda.is_bf16_supported():
-            want = "bf16"
-        else:
-            want = "no"
+    launched = precision.ALIASES.get(launched, launched)
+    asked = tc.mixed_precision
+    want = precision.ALIASES.get(asked, asked)
+    if want == precision.AUTO:
+        want = launched if launched != "no" else precision.auto_precision(device)
     elif launched != "no" and launched != want:
-        raise ConfigError(f"train.mixed_precision={want} but the launcher asks for "
+        raise ConfigError(f"train.mixed_precision={asked} but the launcher asks for "
                           f"--mixed_precision {launched}: drop one of them (train."
                           f"mixed_precision=auto follows the launcher)")
-    if want not in ("no", "bf16", "fp16"):
+    if want not in precision.AUTOCAST:
         raise ConfigError(f"--mixed_precision {want}: this trainer supports no, bf16 and fp16")
     if want == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.mixed_precision=fp16 needs a CUDA GPU (this process runs on "

@@ -30,17 +30,15 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-
-from .atomic import atomic_path, write_text_atomic
 
 from .codec import make_decoder
-from .config import DataConfig, ModelConfig, from_dict
+from .config import DataConfig, ModelConfig
 from .edges import close_gaps, detector_from_meta, quantize
 from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import Stream, process_device, stream_seed
 from .sampling import sample, sample_noise
-from .training import EXPORT_CONFIG, EXPORT_DIR, load_model
+from .export import Export
+from .training import EXPORT_DIR
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -163,14 +161,16 @@ class Pipeline:
 
     def __init__(self, model: torch.nn.Module, info: dict, device: torch.device,
                  source: Optional[Path] = None, vae: Optional[str] = None,
-                 allow_download: bool = False):
+                 allow_download: bool = False, export: Optional[Export] = None):
         self.model, self.info, self.device, self.source = model, info, device, source
         # the VAE to decode with (None: the one the model records, from the local cache
         # only) and whether the default SD-VAE / edge annotators may be downloaded
         self.vae, self.allow_download = vae, allow_download
-        self.mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
-        self.dcfg: DataConfig = from_dict(info["data"], cls=DataConfig)
-        self.meta: dict = info.get("dataset_meta") or {}
+        # the typed configs of ``info`` (``export``: the Export it was read from)
+        self.export = export if export is not None else Export.from_info(info)
+        self.mcfg: ModelConfig = self.export.model
+        self.dcfg: DataConfig = self.export.data
+        self.meta: dict = self.export.dataset_meta
         self.uses_edges = bool(self.dcfg.use_edges and self.mcfg.edge_channels > 0)
         self.uses_labels = bool(self.dcfg.use_labels and self.mcfg.num_classes > 0)
         self.class_names: list[str] = list(self.meta.get("class_names") or [])
@@ -320,13 +320,10 @@ class Pipeline:
         evaluate.py read: model, objective, data settings, the dataset's metadata with the
         codec / VAE reference and the edge detector settings) and a model card README.md."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"step": str(self.info.get("step"))})
         info = neutral_paths(dict(self.info))
         info.setdefault("evaluation", find_results(self.source))
-        write_text_atomic(out / EXPORT_CONFIG, json.dumps(info, indent=2, default=str))
+        from .export import write_export           # the one export writer
+        write_export(out, self.model.state_dict(), info, self.info.get("step"))
         (out / MODEL_CARD).write_text(model_card(info))
         return out
 
@@ -418,5 +415,6 @@ def load_pipeline(path: str | os.PathLike, device=None, *, weights: str = "ema",
     or hub id) or ``allow_download`` lets the default SD-VAE and edge annotators come from
     the hub."""
     dev = process_device(device)
-    model, info = load_model(path, dev, weights=weights)
-    return Pipeline(model, info, dev, Path(path), vae=vae, allow_download=allow_download)
+    exp = Export.read(path, weights=weights)
+    return Pipeline(exp.build(dev), exp.info, dev, Path(path), vae=vae,
+                    allow_download=allow_download, export=exp)

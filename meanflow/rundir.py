@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_path, write_text_atomic
 from .errors import first_line
-
 from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
                        CheckpointError, checkpoint_step, ckpt_name, config_diff, is_complete,
                        list_checkpoints, load_ema, save_ema, shape_mismatch, strip_wrappers)
@@ -231,11 +229,8 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
     if missing:
         raise CheckpointError(f"{ema_file}: EMA keys not in {MODEL_FILE}: {missing[:3]}")
     state.update({k: v.to(state[k].dtype) for k, v in ema0.items()})
-    export_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(export_dir / MODEL_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                  metadata={"step": str(step)})
-    write_text_atomic(export_dir / EXPORT_CONFIG, (Path(ckpt) / EXPORT_CONFIG).read_text())
+    from .export import write_export           # the one export writer; the config kept as is
+    write_export(export_dir, state, (Path(ckpt) / EXPORT_CONFIG).read_text(), step)
     was = "missing or incomplete" if have is None else f"at step {have}"
     return (f"note: {export_dir} was {was}, not at the checkpoint's step {step}: re-created "
             f"it from {Path(ckpt).name}")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_text_atomic
 
-from .config import Config, ModelConfig, from_dict, to_dict
+from .config import Config, to_dict
 from .runtime import Stream, seed_rng, stream_seed
 
 CKPT_RE = re.compile(r"^step_(\d{7,})$")
@@ -284,25 +284,31 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Inference export: safetensors weights + JSON config (nothing pickled)
 # --------------------------------------------------------------------------------------------
-def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
-                  ema_decay: Optional[float]) -> None:
-    """Write ``model_config.json`` (model, objective and data settings, the dataset's
-    metadata, step, EMA decay) atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
+def export_info(cfg: Config, dataset_meta: dict, step: int, ema_decay: Optional[float]) -> dict:
+    """model_config.json's contents: model, objective and data settings, the dataset's
+    metadata, step, EMA decay."""
+    return dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
                 data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
                 ema_decay=ema_decay, format_version=1)
-    write_text_atomic(out_dir / EXPORT_CONFIG, json.dumps(info, indent=2, default=str))
+
+
+def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
+                  ema_decay: Optional[float]) -> None:
+    """Write ``model_config.json`` (:func:`export_info`) atomically: what every checkpoint
+    carries, so that its export can be rebuilt from it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / EXPORT_CONFIG,
+                      json.dumps(export_info(cfg, dataset_meta, step, ema_decay), indent=2,
+                                 default=str))
 
 
 def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
                  ema_decay: Optional[float]) -> None:
-    """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"step": str(step)})
-    export_config(out_dir, cfg, dataset_meta, step, ema_decay)
+    """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename), with
+    the one export writer (:func:`meanflow.export.write_export`)."""
+    from .export import write_export
+    write_export(out_dir, model.state_dict(), export_info(cfg, dataset_meta, step, ema_decay),
+                 step)
 
 
 WEIGHTS = ("ema", "raw")       # what load_model reads from a checkpoint
@@ -325,23 +331,18 @@ def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.
     The files are read and checked on the CPU; the network is then built on ``device`` itself
     and the weights copied in (:func:`place_model`), so no process's weights pass through
     cuda:0."""
+    from .export import Export
     from .runtime import process_device
     dev = process_device(device)
-    net, info = load_export(path, "cpu", weights=weights)
-    if dev.type != "cpu":
-        net = place_model(net, info, dev)
-    return net, info
+    exp = Export.read(path, weights=weights)
+    return exp.build(dev), exp.info
 
 
 def place_model(net: nn.Module, info: dict, device) -> nn.Module:
     """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
     (building there, rather than moving, also works under a fake-tensor device)."""
-    from ._layout import repo_packages
-    with repo_packages():
-        import models
-    mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
-    with torch.device(device):
-        out = models.build(mcfg)
+    from .export import Export
+    out = Export.from_info(info).network(device)
     out.load_state_dict(net.state_dict())
     return out.eval()
 
@@ -407,62 +408,6 @@ def _checkpoint_weights(p: Path, weights: str) -> Path:
 def load_export(path: str | Path, device="cpu", weights: str = "ema") -> tuple[nn.Module, dict]:
     """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
     inference) into a network built on the CPU, then moved to ``device``."""
-    from ._layout import repo_packages
-    with repo_packages():
-        import models
-
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: choose one of {list(WEIGHTS)}")
-    p = Path(path)
-    if (p / EXPORT_DIR / EXPORT_CONFIG).is_file():
-        p = p / EXPORT_DIR
-    checkpoint = (p.is_dir() and (CKPT_DIR_RE.match(p.name) is not None
-                                  or any((p / f).exists() for f in CHECKPOINT_FILES)))
-    if checkpoint:
-        w_file = _checkpoint_weights(p, weights)
-    elif weights == "raw":
-        raise ValueError(f"{p}: an export holds the EMA weights only; the raw training "
-                         f"weights are in a checkpoint (RUN/checkpoints/step_N)")
-    else:
-        w_file = p / "model.safetensors"
-    cfg_file = p / EXPORT_CONFIG
-    for f in (cfg_file, w_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected an export folder written by "
-                                    f"train.py (model.safetensors + {EXPORT_CONFIG}) or a "
-                                    f"checkpoint ({EMA_FILE} + {EXPORT_CONFIG})")
-    try:
-        info = json.loads(cfg_file.read_text())
-        mcfg: ModelConfig = from_dict(info["model"], cls=ModelConfig)
-    except Exception as e:  # noqa: BLE001 - name the file, whatever is wrong inside
-        raise ValueError(f"{cfg_file}: not a valid model config: {e}") from None
-    try:
-        net = models.build(mcfg)
-    except ValueError as e:
-        raise ValueError(f"{cfg_file}: its model config does not build: {e}") from None
-    try:
-        state = (torch.load(w_file, map_location="cpu", weights_only=True)
-                 if w_file.name == LEGACY_EMA_FILE else load_file(str(w_file)))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{w_file}: cannot read safetensors weights: {e}") from None
-    if checkpoint and weights == "ema":   # EMA keys are "<index>.<parameter>"; EMA 0 is used
-        ema0 = {k[2:]: v for k, v in state.items() if k.startswith("0.")}
-        # the EMA covers the parameters; buffers come from the checkpoint's model weights
-        own = net.state_dict()
-        buffers = {k for k in own if k not in dict(net.named_parameters())}
-        if buffers and (p / "model.safetensors").is_file():
-            raw = strip_wrappers(load_file(str(p / "model.safetensors")))
-            ema0.update({k: raw[k] for k in buffers if k in raw})
-        state = ema0
-    elif checkpoint:
-        state = strip_wrappers(state)
-    bad = shape_mismatch(state, net.state_dict())
-    if bad:
-        raise ValueError(f"{w_file} does not fit the model in {cfg_file}: {bad}")
-    net.load_state_dict(state)
-    info["weights"] = "raw" if weights == "raw" else info.get("weights", "ema")
-    if weights == "raw":
-        import sys
-        print(f"note: {p}: using its RAW training weights (weights='raw'), not the EMA",
-              file=sys.stderr, flush=True)
-    return net.to(device).eval(), info
+    from .export import Export
+    exp = Export.read(path, weights=weights)
+    return exp.build("cpu").to(device).eval(), exp.info

@@ -2,7 +2,6 @@
 edge alignment reported with N; bad input rejected before sampling."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -136,36 +135,46 @@ def test_a_checkpoints_folder_gives_a_learning_curve_that_resumes(trained, tmp_p
     again = json.loads((out / "curve.json").read_text())
     assert [[r["fid"] for r in m["results"]] for m in again["models"]] == fids
     # read back only with the same settings and metrics
-    from evaluate import reusable
+    from evaluate import EvalSpec, reusable
     res_file = out / "step_0000003" / "results.json"
     meta = json.loads(res_file.read_text())["meta"]
-    ck, info = trained / "checkpoints" / "step_0000003", {"step": 3}
-    same = dict(seed=0, cfg_scale=1.0, split="test", category=None)
+    ck = trained / "checkpoints" / "step_0000003"
+    same = dict(seed=0, cfg_scale=1.0, split="test", category=None, fid=True)
 
-    def reuse(n=6, steps=(1, 2), need=("fid", "edge_f1"), data=meta["data"],
-              weights=meta["fid_weights"], **kw):
-        a = argparse.Namespace(**{**same, **kw})
-        return reusable(res_file, ck, info, a, data, n, list(steps), list(need), weights)
+    def reuse(n=6, steps=(1, 2), data=meta["data"], fid_weights=meta["fid_weights"],
+              edge_f1=True, step=3, **kw):
+        spec = EvalSpec(steps=steps, **{**same, **kw}).resolved(n, data, fid_weights, False,
+                                                                edge_f1)
+        return reusable(res_file, spec, ck, step)
     assert [r["fid"] for r in reuse()] == fids[2]
-    for other in (dict(n=7), dict(steps=(1, 4)), dict(need=("fid", "kid_x")), dict(seed=1),
-                  dict(cfg_scale=2.0), dict(data="/elsewhere"), dict(weights="other.pth")):
+    assert [r["fid"] for r in reuse(steps=(2,))] == fids[2][1:]     # fewer steps: covered
+    for other in (dict(n=7), dict(steps=(1, 4)), dict(seed=1), dict(step=4),
+                  dict(cfg_scale=2.0), dict(data="/elsewhere"), dict(fid_weights="other.pth"),
+                  dict(precision="bf16"), dict(weights="raw"), dict(category="cat")):
         assert reuse(**other) is None, other
+    # a metric the earlier rows lack is computed, not taken as missing
+    res = json.loads(res_file.read_text())
+    for r in res["results"]:
+        del r["edge_f1"]
+    res_file.write_text(json.dumps(res))
+    assert reuse() is None and reuse(edge_f1=False) is not None
 
 
 def test_a_curve_plots_what_it_measured_and_nothing_without_metrics(tmp_path):
     from PIL import Image
 
-    from evaluate import write_curve
-    args = argparse.Namespace(split="test", category=None, seed=0, cfg_scale=1.0)
+    from evaluate import EvalSpec, write_curve
+    args = EvalSpec(split="test", category=None, seed=0, cfg_scale=1.0).resolved(
+        8, "none", None, False, False)
     rows = [dict(ckpt=f"c{s}", step=s, results=[dict(steps=1, fid=f, edge_f1=0.9),
                                                  dict(steps=2, fid=f - 1.0, edge_f1=0.95)])
             for s, f in ((10, 80.0), (20, 60.0))]
-    write_curve(tmp_path, rows, args, 8)
+    write_curve(tmp_path, rows, args)
     with Image.open(tmp_path / "curve.png") as im:
         assert im.size == (840, 340)                    # FID and edge F1 panels
     bare = tmp_path / "bare"
     bare.mkdir()
-    write_curve(bare, [dict(ckpt="c", step=1, results=[dict(steps=1)])], args, 8)
+    write_curve(bare, [dict(ckpt="c", step=1, results=[dict(steps=1)])], args)
     assert (bare / "curve.md").is_file() and not (bare / "curve.png").exists()
 
 
@@ -258,7 +267,8 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from evaluate import parse_args, resolve
+    from evaluate import EvalSpec, parse_args, resolve
+    from meanflow.export import Export
     from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
     from meanflow.training import load_model, place_model
@@ -268,7 +278,9 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     ckpt = make_export(tmp_path, data, "data.use_labels=false", "model.num_classes=0")
     args = parse_args(["--ckpt", str(ckpt), "--num-samples", "4"])
     net, info = load_model(ckpt, "cpu")              # files are read on the host, as in main
-    ds, sel, dcfg, mcfg = resolve(args, info)
+    exp = Export.read(ckpt)
+    ds, sel = resolve(EvalSpec.from_args(args, torch.device("cpu")), exp)
+    dcfg, mcfg = exp.data, exp.model
     cond = conditions(ds, dcfg, mcfg, balanced=False)
     times = steps_grid(2).tolist()
     shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
@@ -428,3 +440,45 @@ def test_a_latent_only_train_split_needs_a_statistics_file(tmp_path):
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["n"] == 6 and row["n_ref"] == 20 and row["fid"] > 0
     assert len(list((out / "steps_1").glob("*.png"))) == 6 and (out / "grid.png").is_file()
+
+
+def test_the_spec_key_changes_with_what_changes_the_numbers_and_not_with_the_output(tmp_path):
+    """One key decides reuse, of results.json and of OUT/.partial alike: a setting that
+    changes the numbers changes it; where the output goes does not."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import torch
+
+    from evaluate import EvalSpec, parse_args, partial_spec
+    cpu = torch.device("cpu")
+
+    def key(*argv, step=5, ckpt="runs/a"):
+        args = parse_args(["--ckpt", ckpt, "--fid", *argv])
+        spec = EvalSpec.from_args(args, cpu).resolved(8, "/data/test", Path("inc.pth"), True,
+                                                       True)
+        return spec, spec.key(Path(ckpt), step)
+    spec, base = key()
+    assert key("--out", "/elsewhere")[1] == base
+    assert key("--out", "/elsewhere", "--no-png", "--grid-rows", "3")[1] == base
+    assert key("--precision", "no")[1] == key("--precision", "fp32")[1] == base
+    for argv in (["--seed", "1"], ["--cfg-scale", "2"], ["--split", "val"],
+                 ["--category", "cat"], ["--precision", "bf16"], ["--weights", "raw"],
+                 ["--ref-stats", "ref.npz"]):
+        assert key(*argv)[1] != base, argv
+    assert key(step=6)[1] != base and key(ckpt="runs/b")[1] != base
+    for field, value in (("num_samples", 9), ("data", "/data/val"), ("fid_weights", "x.pth")):
+        assert replace(spec, **{field: value}).key(Path("runs/a"), 5) != base, field
+    with pytest.raises(ValueError, match="resolve the spec first"):
+        EvalSpec().key(Path("runs/a"), 5)
+    # OUT/.partial's spec is that key plus the batch layout
+    model = tmp_path / "export"
+    model.mkdir()
+    (model / "model_config.json").write_text("{}")
+    export = SimpleNamespace(step=5)
+    ctx = SimpleNamespace(inception=None, sel=[0, 1], grids={1: [1.0, 0.0]}, detector=None)
+    no_fid = replace(spec, fid=False)
+    part = partial_spec(model, export, no_fid, ctx)
+    assert {k: part[k] for k in no_fid.key(model, 5)} == no_fid.key(model, 5)
+    assert partial_spec(model, export, replace(no_fid, seed=1), ctx) != part
+    assert partial_spec(model, export, replace(no_fid, batch_size=3), ctx) != part

@@ -132,3 +132,36 @@ def test_relative_paths_are_relative_to_the_working_directory_and_recorded_absol
     assert cfg.data.val_path == ""                               # empty stays empty
     assert cfg.train.init_from == str(tmp_path / "w")
     assert cfg.meanflow.teacher == str(tmp_path / "t")
+
+
+def test_one_precision_table_with_fp32_and_no_as_one_name_in_train_and_evaluate():
+    """Training and evaluation read their precision names from one table: fp32 and no are
+    the same mode in both, and each maps to the same autocast dtype."""
+    from types import SimpleNamespace
+
+    import evaluate
+    from meanflow import precision
+    from meanflow.config import load_config
+    from meanflow.jvp_graph import autocast_dtype_of
+    from meanflow.launch import resolve_precision
+    cpu = torch.device("cpu")
+    assert precision.canonical("fp32") == precision.canonical("no") == "no"
+    assert precision.canonical("BF16") == "bf16" and precision.same("fp32", "no")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        precision.canonical("fp8")
+    assert [precision.autocast_dtype(n) for n in ("no", "fp32", "bf16", "fp16")] == [
+        None, None, torch.bfloat16, torch.float16]
+    assert [autocast_dtype_of(n) for n in ("no", "bf16", "fp16", "fp8")] == [
+        None, torch.bfloat16, torch.float16, None]
+    # training: train.mixed_precision=fp32 is accepted and resolved to accelerate's "no"
+    tc = load_config(None, ["train.mixed_precision=fp32"]).train
+    assert resolve_precision(tc, cpu, {}) == "no"
+    assert resolve_precision(SimpleNamespace(mixed_precision="no"), cpu,
+                             {"ACCELERATE_MIXED_PRECISION": "fp32"}) == "no"
+    # evaluation: --precision no is accepted and recorded as fp32, as results always said
+    for name in ("no", "fp32", "auto"):
+        args = evaluate.parse_args(["--ckpt", "x", "--precision", name])
+        assert evaluate.resolve_precision(args.precision, cpu) == "fp32"
+    assert evaluate.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--ckpt", "x", "--precision", "fp8"])

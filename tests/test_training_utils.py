@@ -194,3 +194,68 @@ def test_first_line_is_the_one_line_an_error_is_told_in():
     assert first_line(KeyError()) == "KeyError"
     assert first_line(OSError("disk full\nmore"), with_type=True) == "OSError: disk full"
     assert first_line(OSError(), with_type=True) == "OSError"
+
+
+def test_every_export_writer_is_the_one_writer_and_reads_back_through_export(tmp_path,
+                                                                             monkeypatch):
+    """train.py's export (export_model), the run folder's repair from a checkpoint
+    (sync_export) and Pipeline.save_pretrained all write through meanflow.export.write_export,
+    and what each writes reads back through Export with the same configs and weights (a
+    saved pipeline's paths made neutral)."""
+    import copy
+    import json
+
+    from helpers import tiny_cfg
+
+    import meanflow
+    import models
+    from meanflow import export as export_mod
+    from meanflow.export import Export
+    from meanflow.pipeline import neutral_paths
+    from meanflow.rundir import export_step, sync_export
+    from meanflow.training import export_config, export_model, mark_complete
+    from safetensors.torch import save_file
+
+    cfg = tiny_cfg()
+    cfg.data.path = str(tmp_path / "data" / "train")
+    meta = dict(codec="pixel", channels=1, class_names=[f"c{i}" for i in range(10)],
+                source=str(tmp_path / "images"))
+    torch.manual_seed(0)
+    net = models.build(cfg.model)
+    ema = EMA(net, [0.9])
+    for s in ema.shadows[0].values():                  # an EMA that is not the raw weights
+        s.add_(0.01)
+    averaged = copy.deepcopy(net)
+    ema.copy_to(averaged)
+
+    calls = []
+    real = export_mod.write_export
+    monkeypatch.setattr(export_mod, "write_export",
+                        lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    run = tmp_path / "run"
+    export_model(run / "export", averaged, cfg, meta, 7, 0.9)            # train.py's export
+    ckpt = run / "checkpoints" / "step_0000007"                        # a checkpoint of step 7
+    ckpt.mkdir(parents=True)
+    save_file({f"module.{k}": v.contiguous() for k, v in net.state_dict().items()},
+              str(ckpt / "model.safetensors"))
+    save_ema(ckpt, ema)
+    export_config(ckpt, cfg, meta, 7, 0.9)
+    mark_complete(ckpt, 7, 1.0)
+    other = tmp_path / "other"
+    (other / "export").mkdir(parents=True)
+    assert sync_export(other, ckpt).startswith("note: ")                 # rebuilt from it
+    saved = meanflow.load_pipeline(run, "cpu").save_pretrained(tmp_path / "saved")
+    assert calls == [run / "export", other / "export", saved]
+    assert export_step(run / "export") == export_step(other / "export") == 7
+
+    a, b, c = (Export.read(p) for p in (run, other / "export", saved))
+    assert a.path == run / "export" and a.step == b.step == c.step == 7
+    assert a.model == b.model == c.model and a.meanflow == b.meanflow == c.meanflow
+    assert a.data == b.data == cfg.data and a.meanflow == cfg.meanflow and a.model == cfg.model
+    assert c.data.path == "data/train" and c.dataset_meta == neutral_paths(a.dataset_meta)
+    assert a.dataset_meta == b.dataset_meta == meta and a.weights == b.weights == c.weights
+    assert json.loads((other / "export" / "model_config.json").read_text())["step"] == 7
+    want = averaged.state_dict()
+    for e in (a, b, c):
+        got = e.build("cpu").state_dict()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
