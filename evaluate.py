@@ -320,7 +320,7 @@ def resolve(spec: EvalSpec, export: Export, ref_only: bool = False):
 def expand_ckpts(paths: list[str]) -> list[Path]:
     """Each --ckpt as given, except a folder of checkpoints (RUN/checkpoints), which stands for
     its complete checkpoints, oldest first. Repeats are dropped."""
-    from meanflow.training import list_checkpoints
+    from meanflow.checkpoint import list_checkpoints
     out: list[Path] = []
     for p in map(Path, paths):
         found = [c for _, c in list_checkpoints(p)]

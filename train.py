@@ -159,7 +159,7 @@ def build(args, cfg: Config) -> Optional[Trainer]:
             raise SetupError(e) from None
     teacher = None
     if cfg.meanflow.teacher:
-        from meanflow.training import load_model
+        from meanflow.export import load_model
         try:
             teacher, _ = load_model(cfg.meanflow.teacher, acc.device)
         except (FileNotFoundError, ValueError) as e:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from meanflow.config import load_config  # noqa: E402
-from meanflow.training import export_model  # noqa: E402
+from meanflow.export import export_model  # noqa: E402
 
 SD_VAE_SCALE = 0.18215      # SD-VAE latent scale factor (stabilityai/sd-vae-ft-mse)
 TINY_MODEL = dict(name="unet", input_size=16, in_channels=1, edge_channels=1, edge_size=16,

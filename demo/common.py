@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from meanflow.config import load_config  # noqa: E402
-from meanflow.training import checkpoint_step, list_checkpoints  # noqa: E402
+from meanflow.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 
 STEPS = {"mf": [1, 2, 4], "fm": [1, 2, 4, 16]}       # sampling steps: MeanFlow, flow matching
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from demo import common  # noqa: E402
 from meanflow.config import load_config  # noqa: E402
-from meanflow.training import checkpoint_step, list_checkpoints  # noqa: E402
+from meanflow.checkpoint import checkpoint_step, list_checkpoints  # noqa: E402
 
 TAG = "gpu-demo"
 EDGE, CLASS = "configs/gpu_demo_edge.yaml", "configs/gpu_demo_class.yaml"

@@ -16,7 +16,7 @@ _HOMES = {
     "objective": ("LossOutput", "MeanFlowLoss", "guided_velocity", "meanflow_target",
                   "sample_times"),
     "sampling": ("sample", "sample_noise", "time_grid"),
-    "training": ("load_model",),
+    "export": ("Export", "load_model"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 

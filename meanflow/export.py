@@ -26,11 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_text_atomic
 from .config import DataConfig, MeanFlowConfig, ModelConfig, from_dict
-from .training import (CHECKPOINT_FILES, CKPT_DIR_RE, EMA_FILE, EXPORT_CONFIG, EXPORT_DIR,
-                       LEGACY_EMA_FILE, WEIGHTS, _checkpoint_weights, shape_mismatch,
-                       strip_wrappers)
+from .checkpoint import (CHECKPOINT_FILES, CKPT_DIR_RE, EMA_FILE, EXPORT_CONFIG,
+                         LEGACY_EMA_FILE, checkpoint_weights, shape_mismatch, strip_wrappers)
+from .config import Config, to_dict
 
+EXPORT_DIR = "export"                     # RUN/export: the newest checkpoint's EMA 0
 WEIGHTS_FILE = "model.safetensors"        # an export's weights; a checkpoint's raw weights
+WEIGHTS = ("ema", "raw")                  # what a checkpoint can give as the model
 
 
 def write_export(out_dir: Union[str, Path], state: dict, info: Union[dict, str],
@@ -109,7 +111,7 @@ class Export:
         checkpoint = (p.is_dir() and (CKPT_DIR_RE.match(p.name) is not None
                                       or any((p / f).exists() for f in CHECKPOINT_FILES)))
         if checkpoint:
-            w_file = _checkpoint_weights(p, weights)
+            w_file = checkpoint_weights(p, weights)
         elif weights == "raw":
             raise ValueError(f"{p}: an export holds the EMA weights only; the raw training "
                              f"weights are in a checkpoint (RUN/checkpoints/step_N)")
@@ -190,3 +192,68 @@ class Export:
         out = self.network(device)
         out.load_state_dict(net.state_dict())
         return out.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# What train.py writes, and the loaders every entry point uses
+# --------------------------------------------------------------------------------------------
+def export_info(cfg: Config, dataset_meta: dict, step: int, ema_decay: Optional[float]) -> dict:
+    """model_config.json's contents: model, objective and data settings, the dataset's
+    metadata, step, EMA decay."""
+    return dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
+                data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
+                ema_decay=ema_decay, format_version=1)
+
+
+def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
+                  ema_decay: Optional[float]) -> None:
+    """Write ``model_config.json`` (:func:`export_info`) atomically: what every checkpoint
+    carries, so that its export can be rebuilt from it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / EXPORT_CONFIG,
+                      json.dumps(export_info(cfg, dataset_meta, step, ema_decay), indent=2,
+                                 default=str))
+
+
+def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
+                 ema_decay: Optional[float]) -> None:
+    """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename), with
+    the one export writer (:func:`meanflow.export.write_export`)."""
+    write_export(out_dir, model.state_dict(), export_info(cfg, dataset_meta, step, ema_decay),
+                 step)
+
+
+def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.Module, dict]:
+    """(network in eval mode on ``device``, its export info) from an export or saved pipeline
+    folder, a run folder containing ``export/``, or a complete checkpoint
+    (``RUN/checkpoints/step_N``: its first EMA). The one way to load a trained model; ``device``
+    defaults to the process's (``runtime.process_device``: cuda:LOCAL_RANK when CUDA is
+    available, else the CPU).
+
+    ``weights="raw"`` loads a checkpoint's training weights instead of its EMA (said on
+    stderr, and recorded as ``info["weights"]``); it is never chosen silently: a checkpoint
+    without its COMPLETE marker, an unfinished ``step_N.tmp`` save, or one without
+    ``ema.safetensors`` is refused, one line naming what is missing.
+
+    The files are read and checked on the CPU; the network is then built on ``device`` itself
+    and the weights copied in (:func:`place_model`), so no process's weights pass through
+    cuda:0."""
+    from .runtime import process_device
+    dev = process_device(device)
+    exp = Export.read(path, weights=weights)
+    return exp.build(dev), exp.info
+
+
+def place_model(net: nn.Module, info: dict, device) -> nn.Module:
+    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
+    (building there, rather than moving, also works under a fake-tensor device)."""
+    out = Export.from_info(info).network(device)
+    out.load_state_dict(net.state_dict())
+    return out.eval()
+
+
+def load_export(path: str | Path, device="cpu", weights: str = "ema") -> tuple[nn.Module, dict]:
+    """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
+    inference) into a network built on the CPU, then moved to ``device``."""
+    exp = Export.read(path, weights=weights)
+    return exp.build("cpu").to(device).eval(), exp.info

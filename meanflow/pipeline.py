@@ -38,7 +38,7 @@ from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import Stream, process_device, stream_seed
 from .sampling import sample, sample_noise
 from .export import Export
-from .training import EXPORT_DIR
+from .export import EXPORT_DIR
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning

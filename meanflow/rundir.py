@@ -1,10 +1,12 @@
-"""What keeps a run folder safe across kills, corrupt files, full disks and a second trainer.
+"""A training run's folder, safe across kills, corrupt files, full disks and a second trainer.
 
-    lock = RunLock(run_dir); lock.acquire()           # one trainer per run folder
-    chosen, skipped = pick_checkpoint(ckpt_dir, warn)  # newest checkpoint whose files load
-    sync_export(run_dir, chosen)                       # export/ = that checkpoint's EMA 0
+    run = RunFolder(run_dir, accelerator)
+    run.claim(resume)                                  # shared, locked, not overwritten
+    step, seconds = run.resume("auto", model, ema, cfg)   # newest checkpoint whose files load
+    run.save(step, ema=ema, export_net=..., cfg=cfg, meta=meta, trained_s=seconds)
 
-Used by train.py; nothing here knows about the training loop.
+What a checkpoint is (its files, marker and checks) is meanflow/checkpoint.py; the export
+meanflow/export.py. Used by train.py; nothing here knows about the training loop.
 
 The lock is a POSIX record lock (``fcntl.lockf``) on ``RUN/.lock``: the kernel drops it when
 the process ends, however it ends (``kill -9`` included), so a stale lock never blocks a
@@ -27,19 +29,19 @@ from typing import Callable, Optional
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .checkpoint import (EMA_FILE, LEGACY_EMA_FILE, MODEL_FILE, CheckpointError,
+                         check_model_fits, checkpoint_step, ckpt_name, is_complete,
+                         list_checkpoints, load_ema, mark_complete, pick_checkpoint,
+                         prune_checkpoints, save_ema, set_aside, strip_wrappers,
+                         verify_checkpoint)
 from .errors import first_line
-from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, LEGACY_EMA_FILE,
-                       CheckpointError, checkpoint_step, ckpt_name, config_diff, is_complete,
-                       list_checkpoints, load_ema, save_ema, shape_mismatch, strip_wrappers)
+from .export import EXPORT_CONFIG, EXPORT_DIR, export_config, export_model, write_export
 
 LOCK_FILE = ".lock"
-CORRUPT_SUFFIX = ".corrupt"        # a skipped checkpoint is renamed to step_XXXXXXX.corrupt
-MODEL_FILE = "model.safetensors"   # accelerate's model weights in a checkpoint; the export's
 
 
 class RunLockedError(RuntimeError):
     """Another live process holds the run folder's lock."""
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,101 +94,6 @@ class RunLock:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: checked before use, the newest good one wins
-# --------------------------------------------------------------------------------------------
-def check_file(f: Path) -> None:
-    """Open ``f`` the way resume will, without reading the tensor data (safetensors: the
-    header against the file size; torch files: unpickled with ``weights_only=True``, tensors
-    memory-mapped). Raises :class:`CheckpointError` naming the file."""
-    try:
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), "pt") as s:
-                s.keys()
-        elif f.suffix in (".bin", ".pkl", ".pt"):
-            from accelerate.utils.other import load      # accelerate's own loader and globals
-            load(str(f), map_location="cpu", mmap=True)
-        elif f.suffix == ".json":
-            json.loads(f.read_text())
-    except Exception as e:  # noqa: BLE001 - whatever is wrong, name the file and stop there
-        kind = ("refused by torch.load(weights_only=True): not plain tensors"
-                if type(e).__name__ == "UnpicklingError" else type(e).__name__)
-        raise CheckpointError(f"{f}: cannot be loaded ({kind}: {first_line(e)})") from None
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise :class:`CheckpointError` unless every file of checkpoint ``path`` opens."""
-    path = Path(path)
-    checkpoint_step(path)
-    for name in (MODEL_FILE, "optimizer.bin"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing")
-    if not (path / EMA_FILE).is_file() and not (path / LEGACY_EMA_FILE).is_file():
-        raise CheckpointError(f"{path / EMA_FILE}: missing (the checkpoint's EMA weights)")
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            check_file(f)
-
-
-def check_model_fits(ckpt: Path, model, model_cfg: dict, run_config: Path) -> None:
-    """Raise :class:`CheckpointError` (one line) unless the model weights of checkpoint
-    ``ckpt`` fit ``model`` (the bare network): the shapes are read from the safetensors
-    header, before anything is loaded. The line names the first keys that differ and the
-    ``model.*`` settings of the checkpoint's own config that differ from ``model_cfg``."""
-    f = Path(ckpt) / MODEL_FILE
-    try:
-        with safe_open(str(f), "pt") as s:
-            have = strip_wrappers({k: s.get_slice(k).get_shape() for k in s.keys()})
-    except Exception as e:  # noqa: BLE001 - verify_checkpoint has opened it already
-        raise CheckpointError(f"{f}: cannot be loaded ({first_line(e)})") from None
-    bad = shape_mismatch(have, model.state_dict())
-    if bad is None:
-        return
-    try:
-        theirs = json.loads((Path(ckpt) / EXPORT_CONFIG).read_text())["model"]
-        diff = config_diff(theirs, model_cfg)
-    except Exception:  # noqa: BLE001 - an older checkpoint without its config
-        diff = []
-    hint = (f"it was trained with {', '.join(diff[:4])}" if diff else
-            f"check model.* against {run_config}")
-    raise CheckpointError(f"checkpoint {ckpt} does not fit the model: {bad}; {hint}")
-
-
-def pick_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]
-                    ) -> tuple[Optional[Path], list[Path]]:
-    """The newest complete checkpoint of ``ckpt_dir`` whose files all load, and the newer
-    ones skipped on the way (each reported through ``warn`` in one line). Every process of a
-    run checks the same files, so all of them pick the same checkpoint. Raises
-    :class:`CheckpointError` when there are checkpoints and none of them loads: starting
-    from scratch then would silently throw the run away."""
-    ckpts = list_checkpoints(Path(ckpt_dir))
-    skipped = []
-    for _, p in reversed(ckpts):
-        try:
-            verify_checkpoint(p)
-            return p, skipped
-        except CheckpointError as e:
-            warn(f"warning: skipping checkpoint {p.name}, it cannot be resumed: {e}")
-            skipped.append(p)
-    if ckpts:
-        raise CheckpointError(f"none of the {len(ckpts)} checkpoints in {ckpt_dir} can be "
-                              f"loaded (see the warnings above); to start over, pass another "
-                              f"--run-dir")
-    return None, skipped
-
-
-def set_aside(skipped: list[Path], warn: Callable[[str], None]) -> None:
-    """Rename skipped checkpoints to ``step_XXXXXXX.corrupt``: kept for inspection, but no
-    longer counted by pruning (a corrupt newest one would otherwise outrank, and so prune,
-    the checkpoints the resumed run writes)."""
-    for p in skipped:
-        dst = p.with_name(p.name + CORRUPT_SUFFIX)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(p, dst)
-        warn(f"warning: moved {p.name} aside to {dst}")
-
-
-# --------------------------------------------------------------------------------------------
 # The export follows the last checkpoint
 # --------------------------------------------------------------------------------------------
 def export_step(export_dir: Path) -> Optional[int]:
@@ -229,7 +136,6 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
     if missing:
         raise CheckpointError(f"{ema_file}: EMA keys not in {MODEL_FILE}: {missing[:3]}")
     state.update({k: v.to(state[k].dtype) for k, v in ema0.items()})
-    from .export import write_export           # the one export writer; the config kept as is
     write_export(export_dir, state, (Path(ckpt) / EXPORT_CONFIG).read_text(), step)
     was = "missing or incomplete" if have is None else f"at step {have}"
     return (f"note: {export_dir} was {was}, not at the checkpoint's step {step}: re-created "
@@ -437,7 +343,6 @@ class RunFolder:
         import sys
 
         from .distributed import all_ok
-        from .training import export_config, export_model, mark_complete, prune_checkpoints
         acc = self.acc
         acc.wait_for_everyone()
         final = self.ckpt_dir / ckpt_name(step)

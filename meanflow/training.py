@@ -1,29 +1,16 @@
-"""Machinery for train.py: EMA, learning-rate schedule, deterministic data order, checkpoint
-discovery and the inference export. Nothing here knows about the MeanFlow math."""
+"""Machinery for train.py's loop: the learning-rate schedule, the deterministic data order
+and augmentation seeds, the EMAs and the loss meter. Nothing here knows about the MeanFlow
+math; what a checkpoint is lives in meanflow/checkpoint.py, the export in meanflow/export.py."""
 from __future__ import annotations
 
-import json
 import math
-import re
-import shutil
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, write_text_atomic
-
-from .config import Config, to_dict
+from .config import Config
 from .runtime import Stream, seed_rng, stream_seed
-
-CKPT_RE = re.compile(r"^step_(\d{7,})$")
-COMPLETE = "COMPLETE"          # marker written last: a checkpoint without it is ignored
-EXPORT_DIR = "export"
-EXPORT_CONFIG = "model_config.json"
-EMA_FILE = "ema.safetensors"   # every EMA of a checkpoint, for resume
-LEGACY_EMA_FILE = "custom_checkpoint_0.pkl"   # what accelerate's register_for_checkpointing wrote
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +89,7 @@ def training_loader(data, cfg: Config, per_rank: int, rank: int, world: int, ste
 
 
 # --------------------------------------------------------------------------------------------
-# EMA
+# EMA and the loss meter
 # --------------------------------------------------------------------------------------------
 class EMA:
     """Exponential moving averages of a model's floating-point parameters, one per decay.
@@ -198,216 +185,3 @@ class Meter:
         n = vals.pop()
         self.sums, self.count = {}, None
         return {k: (v / n if n else float("nan")) for k, v in zip(keys, vals)}
-
-
-def save_ema(ckpt: Path, ema: EMA) -> None:
-    """Write every EMA of ``ema`` to ``ckpt/ema.safetensors`` (tmp + rename)."""
-    with atomic_path(ckpt / EMA_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                  str(tmp), metadata={"decays": json.dumps(ema.decays)})
-
-
-def load_ema(ckpt: Path, ema: EMA) -> None:
-    """Load the EMAs of checkpoint ``ckpt`` into ``ema``. Checkpoints written before the
-    safetensors file hold them in accelerate's pickle, read here with ``weights_only=True``
-    (plain tensors only; anything else is refused)."""
-    f, legacy = ckpt / EMA_FILE, ckpt / LEGACY_EMA_FILE
-    src = f if f.is_file() else legacy if legacy.is_file() else None
-    if src is None:
-        raise FileNotFoundError(f"{ckpt}: no {EMA_FILE} (the checkpoint's EMA weights)")
-    try:
-        state = (load_file(str(src)) if src == f else
-                 torch.load(src, map_location="cpu", weights_only=True))
-    except Exception as e:  # noqa: BLE001 - unreadable, or a pickle that is not plain tensors
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{src}: cannot load the EMA weights ({type(e).__name__}: "
-                         f"{first})") from None
-    try:
-        ema.load_state_dict(state)
-    except ValueError as e:
-        raise ValueError(f"{src}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint whose files cannot be used; the message names the file."""
-
-
-def ckpt_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def is_complete(path: Path) -> bool:
-    """Whether ``path`` carries the COMPLETE marker (written last, after every file of the
-    checkpoint): without it a checkpoint is an interrupted save and is never used."""
-    return (Path(path) / COMPLETE).is_file()
-
-
-def mark_complete(path: Path, step: int, seconds: float) -> None:
-    """Write the COMPLETE marker, the last file of a checkpoint: "<step> <seconds>"."""
-    (Path(path) / COMPLETE).write_text(f"{step} {seconds:.3f}\n")
-
-
-def checkpoint_step(path: Path) -> tuple[int, float]:
-    """(step, training seconds so far) from a checkpoint's COMPLETE marker, the one reader of
-    the marker's contents ("<step> <seconds>"; older markers hold the step alone)."""
-    marker = Path(path) / COMPLETE
-    try:
-        parts = marker.read_text().split()
-        return int(parts[0]), float(parts[1]) if len(parts) > 1 else 0.0
-    except (OSError, ValueError, IndexError):
-        raise CheckpointError(f"{marker}: missing or unreadable (not a complete "
-                              f"checkpoint)") from None
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first. Interrupted ones (no COMPLETE marker) are ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    out = []
-    for p in ckpt_dir.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and is_complete(p):
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_dir.glob("*.tmp"):                    # leftovers of interrupted saves
-        shutil.rmtree(p, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Inference export: safetensors weights + JSON config (nothing pickled)
-# --------------------------------------------------------------------------------------------
-def export_info(cfg: Config, dataset_meta: dict, step: int, ema_decay: Optional[float]) -> dict:
-    """model_config.json's contents: model, objective and data settings, the dataset's
-    metadata, step, EMA decay."""
-    return dict(model=to_dict(cfg.model), meanflow=to_dict(cfg.meanflow),
-                data=to_dict(cfg.data), dataset_meta=dataset_meta, step=step,
-                ema_decay=ema_decay, format_version=1)
-
-
-def export_config(out_dir: Path, cfg: Config, dataset_meta: dict, step: int,
-                  ema_decay: Optional[float]) -> None:
-    """Write ``model_config.json`` (:func:`export_info`) atomically: what every checkpoint
-    carries, so that its export can be rebuilt from it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / EXPORT_CONFIG,
-                      json.dumps(export_info(cfg, dataset_meta, step, ema_decay), indent=2,
-                                 default=str))
-
-
-def export_model(out_dir: Path, model: nn.Module, cfg: Config, dataset_meta: dict, step: int,
-                 ema_decay: Optional[float]) -> None:
-    """Write ``model.safetensors`` and ``model_config.json`` atomically (tmp + rename), with
-    the one export writer (:func:`meanflow.export.write_export`)."""
-    from .export import write_export
-    write_export(out_dir, model.state_dict(), export_info(cfg, dataset_meta, step, ema_decay),
-                 step)
-
-
-WEIGHTS = ("ema", "raw")       # what load_model reads from a checkpoint
-CHECKPOINT_FILES = ("optimizer.bin", COMPLETE, EMA_FILE, LEGACY_EMA_FILE, "random_states_0.pkl")
-CKPT_DIR_RE = re.compile(r"^step_\d+(\.tmp|\.corrupt)?$")
-
-
-def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.Module, dict]:
-    """(network in eval mode on ``device``, its export info) from an export or saved pipeline
-    folder, a run folder containing ``export/``, or a complete checkpoint
-    (``RUN/checkpoints/step_N``: its first EMA). The one way to load a trained model; ``device``
-    defaults to the process's (``runtime.process_device``: cuda:LOCAL_RANK when CUDA is
-    available, else the CPU).
-
-    ``weights="raw"`` loads a checkpoint's training weights instead of its EMA (said on
-    stderr, and recorded as ``info["weights"]``); it is never chosen silently: a checkpoint
-    without its COMPLETE marker, an unfinished ``step_N.tmp`` save, or one without
-    ``ema.safetensors`` is refused, one line naming what is missing.
-
-    The files are read and checked on the CPU; the network is then built on ``device`` itself
-    and the weights copied in (:func:`place_model`), so no process's weights pass through
-    cuda:0."""
-    from .export import Export
-    from .runtime import process_device
-    dev = process_device(device)
-    exp = Export.read(path, weights=weights)
-    return exp.build(dev), exp.info
-
-
-def place_model(net: nn.Module, info: dict, device) -> nn.Module:
-    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
-    (building there, rather than moving, also works under a fake-tensor device)."""
-    from .export import Export
-    out = Export.from_info(info).network(device)
-    out.load_state_dict(net.state_dict())
-    return out.eval()
-
-
-def strip_wrappers(state: dict) -> dict:
-    """Keys of a prepared model's state (DDP's ``module.``, torch.compile's ``_orig_mod.``)
-    as the bare model names them."""
-    out = {}
-    for k, v in state.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def shape_mismatch(have: dict, want: dict) -> Optional[str]:
-    """None when ``have`` (name -> tensor or shape) fits ``want``; else one line: how many
-    keys differ in shape (with the first), are missing or unexpected."""
-    shape = lambda v: list(getattr(v, "shape", v))           # noqa: E731
-    wrong = [k for k in want if k in have and shape(have[k]) != shape(want[k])]
-    missing = [k for k in want if k not in have]
-    extra = [k for k in have if k not in want]
-    if not (wrong or missing or extra):
-        return None
-    parts = []
-    if wrong:
-        k = wrong[0]
-        parts.append(f"{len(wrong)} key{'s' * (len(wrong) != 1)} differ in shape, e.g. {k} "
-                     f"{shape(have[k])} vs {shape(want[k])}")
-    if missing:
-        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-    if extra:
-        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
-    return "; ".join(parts)
-
-
-def config_diff(a: dict, b: dict, prefix: str = "model.") -> list[str]:
-    """``prefix+key=<a> (here <b>)`` for each key whose value differs between two dicts."""
-    return [f"{prefix}{k}={a[k]!r} (here {b[k]!r})" for k in b if k in a and a[k] != b[k]]
-
-
-def _checkpoint_weights(p: Path, weights: str) -> Path:
-    """The weights file of checkpoint folder ``p`` for ``weights``, or a one-line refusal."""
-    if p.name.endswith(".tmp"):
-        raise CheckpointError(f"{p}: an unfinished checkpoint save (step_N.tmp, interrupted "
-                              f"before its rename): not loaded; use a complete checkpoint "
-                              f"of {p.parent} or the run's export")
-    if not is_complete(p):
-        raise CheckpointError(f"{p}: no {COMPLETE} marker, so not a complete checkpoint (an "
-                              f"interrupted save): not loaded; use a complete checkpoint or "
-                              f"the run's export")
-    if weights == "raw":
-        return p / "model.safetensors"
-    if (p / EMA_FILE).is_file():
-        return p / EMA_FILE
-    if (p / LEGACY_EMA_FILE).is_file():
-        return p / LEGACY_EMA_FILE
-    raise CheckpointError(f"{p}: no {EMA_FILE} (the checkpoint's EMA weights): not loaded; "
-                          f"to use its raw training weights instead, ask for them "
-                          f"(weights='raw', sample.py --weights raw)")
-
-
-def load_export(path: str | Path, device="cpu", weights: str = "ema") -> tuple[nn.Module, dict]:
-    """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
-    inference) into a network built on the CPU, then moved to ``device``."""
-    from .export import Export
-    exp = Export.read(path, weights=weights)
-    return exp.build("cpu").to(device).eval(), exp.info

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .errors import first_line
-from .training import (EMA_FILE, EXPORT_CONFIG, EXPORT_DIR, config_diff, is_complete,
-                       load_model, shape_mismatch)
+from .checkpoint import EMA_FILE, config_diff, is_complete, shape_mismatch
+from .export import EXPORT_CONFIG, EXPORT_DIR, load_model
 
 DIT_RENAMES = (("t_embedder.", "cond.t_embedder."),
                ("y_embedder.embedding_table.", "cond.y_embedder."))

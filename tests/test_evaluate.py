@@ -250,7 +250,7 @@ def make_export(tmp: Path, data: Path, *overrides: str) -> Path:
     import torch
     from meanflow.config import load_config
     from meanflow.data import LMDBDataset
-    from meanflow.training import export_model
+    from meanflow.export import export_model
     cfg = load_config(write_cfg(tmp, data), list(overrides))
     torch.manual_seed(0)
     run_dir = tmp / "run_untrained"
@@ -271,7 +271,7 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     from meanflow.export import Export
     from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
-    from meanflow.training import load_model, place_model
+    from meanflow.export import load_model, place_model
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     # edges only: the U-Net checks label values, which a fake tensor does not have
@@ -306,7 +306,7 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
 def test_a_checkpoints_evaluation_is_not_inside_the_checkpoint(trained):
     """Training prunes old checkpoints with everything in them: the default output of a
     checkpoint's evaluation is RUN/eval/step_N/<split>."""
-    from meanflow.training import prune_checkpoints
+    from meanflow.checkpoint import prune_checkpoints
     ckpt = trained / "checkpoints" / "step_0000001"
     res = evaluate(ckpt, "--num-samples", "3", "--no-edge-f1", "--no-png")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -176,7 +176,7 @@ def test_restart_recreates_an_export_older_than_the_last_checkpoint(tmp_path, fi
     rd = copy_run(src, tmp_path / "run")
     want = final_weights(rd)
     # the export of step 3, rebuilt the way train.py writes it (EMA 0 of checkpoint 3)
-    from meanflow.training import load_model
+    from meanflow.export import load_model
     net, info = load_model(rd / "checkpoints" / "step_0000003", "cpu")
     old = {k: v.contiguous() for k, v in net.state_dict().items()}
     assert not equal(old, want)

@@ -56,7 +56,7 @@ def tiny(tmp_path_factory, dataset) -> dict:
 
 
 def raw_weights(ckpt: Path) -> dict:
-    from meanflow.training import strip_wrappers
+    from meanflow.checkpoint import strip_wrappers
     return strip_wrappers(load_file(str(ckpt / "model.safetensors")))
 
 
@@ -83,7 +83,7 @@ def incomplete(tiny: dict, tmp: Path, kind: str) -> Path:
                                         ("tmp", "unfinished checkpoint save"),
                                         ("no_ema", "no ema.safetensors")])
 def test_an_incomplete_checkpoint_is_refused_naming_what_is_missing(tiny, tmp_path, kind, says):
-    from meanflow.training import load_model
+    from meanflow.export import load_model
     ck = incomplete(tiny, tmp_path, kind)
     with pytest.raises(ValueError) as e:
         load_model(ck, "cpu")
@@ -92,7 +92,7 @@ def test_an_incomplete_checkpoint_is_refused_naming_what_is_missing(tiny, tmp_pa
 
 
 def test_raw_weights_only_when_asked_and_said(tiny, tmp_path, capsys):
-    from meanflow.training import load_model
+    from meanflow.export import load_model
     ck = incomplete(tiny, tmp_path, "no_ema")
     with pytest.raises(ValueError, match="weights='raw'"):
         load_model(ck, "cpu")
@@ -165,7 +165,7 @@ def test_a_resume_that_does_not_fit_changes_nothing_and_is_one_line(tiny, tmp_pa
 
 def test_weights_of_another_width_are_one_line_in_load_model_and_init_from(tiny, tmp_path):
     import models
-    from meanflow.training import load_model
+    from meanflow.export import load_model
     from meanflow.warmstart import WarmStartError, init_from
     export = shutil.copytree(tiny["run"] / "export", tmp_path / "export")
     info = json.loads((export / "model_config.json").read_text())

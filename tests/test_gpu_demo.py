@@ -15,7 +15,7 @@ from PIL import Image
 
 from helpers import PY, make_pixel_dataset, run, tables
 from meanflow.config import load_config
-from meanflow.training import ckpt_name, mark_complete
+from meanflow.checkpoint import ckpt_name, mark_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 6                        # test samples per FID (the tiny set has 32)

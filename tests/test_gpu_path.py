@@ -186,7 +186,7 @@ def test_sigterm_to_the_launcher_reaches_the_trainer(tmp_path, dataset):
     out, err = proc.communicate(timeout=240)
     assert "(SIGTERM); checkpoint saved" in out, err[-3000:]
     ckpts = list((rd / "checkpoints").glob("step_*"))
-    from meanflow.training import is_complete
+    from meanflow.checkpoint import is_complete
     assert len(ckpts) == 1 and is_complete(ckpts[0])
 
 
@@ -391,7 +391,8 @@ def test_a_run_folder_not_shared_between_nodes_is_refused(tmp_path, monkeypatch)
 def test_channels_last_model_checkpoints_and_exports(monkeypatch, tmp_path):
     """The CUDA U-Net runs channels_last: its EMA and export must still save and reload."""
     import models
-    from meanflow.training import load_model, save_ema, export_model
+    from meanflow.checkpoint import save_ema
+    from meanflow.export import export_model, load_model
     cfg = tiny_cfg(fused_optimizer=True)
     monkeypatch.setattr(launch, "uses_channels_last", lambda cfg, device: True)
 

@@ -143,7 +143,7 @@ def _sit():
 def test_warm_start_from_an_export_of_this_project(tmp_path):
     import models
     from meanflow.config import Config
-    from meanflow.training import export_model
+    from meanflow.export import export_model
     from meanflow.warmstart import WarmStartError, init_from
     mcfg, src = _sit()
     cfg = Config()

@@ -25,7 +25,8 @@ def test_one_process_writes_checkpoints_export_and_logs(tmp_path, tiny_config_fi
     ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
     assert ckpts == ["step_0000003", "step_0000006"]          # keep_checkpoints = 2
     last = rd / "checkpoints" / "step_0000006"
-    from meanflow.training import is_complete, load_model
+    from meanflow.checkpoint import is_complete
+    from meanflow.export import load_model
     assert is_complete(last)
     # the EMAs in safetensors, not accelerate's pickle; the first one is the run's export at
     # the same step (what evaluate.py reads from a checkpoint)
@@ -145,7 +146,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_config_file
     assert proc.returncode == 0, err[-3000:]
     assert "(SIGTERM); checkpoint saved" in out
     ckpts = list((rd / "checkpoints").glob("step_*"))
-    from meanflow.training import checkpoint_step, is_complete
+    from meanflow.checkpoint import checkpoint_step, is_complete
     assert len(ckpts) == 1 and is_complete(ckpts[0])
     # the marker records the training time so far; train.max_minutes budgets the whole run,
     # resumes included, so a budget already spent trains no further

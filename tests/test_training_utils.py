@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from meanflow.training import (EMA, EMA_FILE, LEGACY_EMA_FILE, ShardedEpochSampler, load_ema,
-                               lr_at, save_ema)
+from meanflow.checkpoint import EMA_FILE, LEGACY_EMA_FILE, load_ema, save_ema
+from meanflow.training import EMA, ShardedEpochSampler, lr_at
 
 
 def test_ema_decay_warms_up_then_holds():
@@ -213,7 +213,8 @@ def test_every_export_writer_is_the_one_writer_and_reads_back_through_export(tmp
     from meanflow.export import Export
     from meanflow.pipeline import neutral_paths
     from meanflow.rundir import export_step, sync_export
-    from meanflow.training import export_config, export_model, mark_complete
+    from meanflow.checkpoint import mark_complete
+    from meanflow.export import export_config, export_model
     from safetensors.torch import save_file
 
     cfg = tiny_cfg()
