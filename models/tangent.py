@@ -98,29 +98,46 @@ def condition(cond: nn.Module, r: Tensor, t: Tensor, label, keep, edge_given: bo
     return c, tc.to(c.dtype)
 
 
-def spatial_attention(m: nn.Module, x: Pair) -> Pair:
-    """models.layers.SpatialSelfAttention: softmax(QK^T / sqrt(d)) V with its tangent."""
-    attn = m.attn
-    if (not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity)
-            or not isinstance(attn.norm, nn.Identity)
-            or (attn.training and (attn.attn_drop.p > 0 or attn.proj_drop.p > 0))):
-        raise NotImplementedError("qk/scale norms and attention dropout")
-    b, c, hh, ww = x[0].shape
-    n = group_norm(m.norm, x)
-    tok = tuple(a.flatten(2).transpose(1, 2) for a in n)                 # [B, HW, C]
-    qkv = linear(attn.qkv, tok)
+def softmax_attention(q: Pair, k: Pair, v: Pair, scale: float) -> Pair:
+    """O = softmax(S) V with S = Q K^T * scale, per head ([B, heads, N, d] each), and its
+    tangent, in float32 at least (autocast off: it would run the products in bf16):
+
+        dS = (dQ K^T + Q dK^T) * scale
+        dP = P * (dS - sum_j P dS)       (each row's softmax Jacobian diag(P) - P P^T)
+        dO = dP V + P dV
+    """
+    dt = torch.promote_types(v[0].dtype, torch.float32)
+    with torch.autocast(v[0].device.type, enabled=False):
+        (qp, qt), (kp, kt), (vp, vt) = ((a.to(dt), ta.to(dt)) for a, ta in (q, k, v))
+        s = (qp * scale) @ kp.transpose(-2, -1)                       # [B, heads, N, N]
+        ts = (qt * scale) @ kp.transpose(-2, -1) + (qp * scale) @ kt.transpose(-2, -1)
+        p = s.softmax(dim=-1)
+        tp = p * (ts - (p * ts).sum(-1, keepdim=True))
+        o, to = p @ vp, tp @ vp + p @ vt
+    return o.to(v[0].dtype), to.to(v[0].dtype)
+
+
+def attention(m: nn.Module, x: Pair) -> Pair:
+    """models.layers.Attention (timm's multi-head self-attention) on tokens [B, N, C]."""
+    if (not isinstance(m.q_norm, nn.Identity) or not isinstance(m.k_norm, nn.Identity)
+            or not isinstance(m.norm, nn.Identity) or m.gate is not None
+            or (m.training and (m.attn_drop.p > 0 or m.proj_drop.p > 0))):
+        raise NotImplementedError("qk/scale norms, gates and attention dropout")
+    b, n, _ = x[0].shape
+    qkv = linear(m.qkv, x)
     (qp, kp, vp), (qt, kt, vt) = (
-        a.reshape(b, hh * ww, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        a.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         for a in qkv)                                                  # [B, heads, N, d] each
-    s = (qp * attn.scale) @ kp.transpose(-2, -1)
-    ts = (qt * attn.scale) @ kp.transpose(-2, -1) + (qp * attn.scale) @ kt.transpose(-2, -1)
-    p = s.softmax(dim=-1)
-    tp = p * (ts - (p * ts).sum(-1, keepdim=True))
-    o, to = p @ vp, tp @ vp + p @ vt
-    o, to = (a.transpose(1, 2).reshape(b, hh * ww, attn.attn_dim) for a in (o, to))
-    out = linear(attn.proj, (o, to))
-    out = tuple(a.transpose(1, 2).reshape(b, c, hh, ww) for a in out)
-    return add(x, out)
+    o = softmax_attention((qp, qt), (kp, kt), (vp, vt), m.scale)
+    return linear(m.proj, tuple(a.transpose(1, 2).reshape(b, n, m.attn_dim) for a in o))
+
+
+def spatial_attention(m: nn.Module, x: Pair) -> Pair:
+    """models.layers.SpatialSelfAttention: attention over the pixels, with the residual."""
+    b, c, hh, ww = x[0].shape
+    tok = tuple(a.flatten(2).transpose(1, 2) for a in group_norm(m.norm, x))  # [B, HW, C]
+    out = attention(m.attn, tok)
+    return add(x, tuple(a.transpose(1, 2).reshape(b, c, hh, ww) for a in out))
 
 
 def res_block(m: nn.Module, x: Pair, emb: Pair) -> Pair:
@@ -175,12 +192,19 @@ def unet_jvp(net: nn.Module, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
         if i < len(net.upsample):
             up = tuple(F.interpolate(a, scale_factor=2.0, mode="nearest") for a in h)
             h = conv(net.upsample[i].conv, up)
-    out, tout = conv(net.conv_out, silu(group_norm(net.norm_out, h)))
-    if net.prediction == "u":
-        return out, tout
+    out = conv(net.conv_out, silu(group_norm(net.norm_out, h)))
+    return velocity(out, z, t, v, net.prediction, net.x_pred_t_min)
+
+
+def velocity(out: Pair, z: Tensor, t: Tensor, v: Tensor, prediction: str, t_min: float
+             ) -> Pair:
+    """models.layers.to_velocity on the (output, tangent) pair along (v, 1) of (z, t)."""
+    if prediction == "u":
+        return out
     # u = (z - x_hat) / max(t, t_min): d/dt along (v, 1) is (v - dx_hat) / tt - u * dtt / tt
-    tt = t.clamp(min=net.x_pred_t_min).to(torch.promote_types(out.dtype, t.dtype))
-    dtt = (t > net.x_pred_t_min).to(tt.dtype)               # clamp's derivative
+    out, tout = out
+    tt = t.clamp(min=t_min).to(torch.promote_types(out.dtype, t.dtype))
+    dtt = (t > t_min).to(tt.dtype)                          # clamp's derivative
     shape = (-1,) + (1,) * (out.dim() - 1)
     u = (z - out) / tt.view(shape)
     du = (v.to(out.dtype) - tout) / tt.view(shape) - u * (dtt / tt).view(shape)
