@@ -136,8 +136,9 @@ def softmax_attention(q: Pair, k: Pair, v: Pair, scale: float) -> Pair:
     dt = torch.promote_types(v[0].dtype, torch.float32)
     with torch.autocast(v[0].device.type, enabled=False):
         (qp, qt), (kp, kt), (vp, vt) = ((a.to(dt), ta.to(dt)) for a, ta in (q, k, v))
-        s = (qp * scale) @ kp.transpose(-2, -1)                       # [B, heads, N, N]
-        ts = (qt * scale) @ kp.transpose(-2, -1) + (qp * scale) @ kt.transpose(-2, -1)
+        qs, kT = qp * scale, kp.transpose(-2, -1)
+        s = qs @ kT                                                   # [B, heads, N, N]
+        ts = (qt * scale) @ kT + qs @ kt.transpose(-2, -1)
         p = s.softmax(dim=-1)
         tp = p * (ts - (p * ts).sum(-1, keepdim=True))
         o, to = p @ vp, tp @ vp + p @ vt
@@ -231,22 +232,23 @@ def patch_embed(m: nn.Module, x: Pair) -> Pair:
 
 
 def modulate(x: Pair, shift: Pair, scale: Pair) -> Pair:
-    """models.sit.modulate, x (1 + scale) + shift per sample, and its tangent
-    dx (1 + scale) + x dscale + dshift."""
-    s, ts = (a.unsqueeze(1) for a in scale)
-    return (x[0] * (1 + s) + shift[0].unsqueeze(1),
-            x[1] * (1 + s) + x[0] * ts + shift[1].unsqueeze(1))
+    """models.sit.modulate, x (1 + scale) + shift with per-sample [B, 1, D] shift and scale,
+    and its tangent dx (1 + scale) + x dscale + dshift."""
+    return (x[0] * (1 + scale[0]) + shift[0],
+            x[1] * (1 + scale[0]) + x[0] * scale[1] + shift[1])
 
 
 def gated_add(x: Pair, gate: Pair, y: Pair) -> Pair:
-    """x + gate y per sample (adaLN-Zero's residual): tangent dx + dgate y + gate dy."""
-    g, tg = (a.unsqueeze(1) for a in gate)
-    return x[0] + g * y[0], x[1] + tg * y[0] + g * y[1]
+    """x + gate y with a per-sample [B, 1, D] gate (adaLN-Zero's residual): tangent
+    dx + dgate y + gate dy."""
+    return x[0] + gate[0] * y[0], x[1] + gate[1] * y[0] + gate[0] * y[1]
 
 
-def chunks(x: Pair, n: int) -> list[Pair]:
-    """x.chunk(n, dim=1) on primal and tangent, as n pairs."""
-    return list(zip(x[0].chunk(n, dim=1), x[1].chunk(n, dim=1)))
+def adaln_chunks(m: nn.Linear, sc: Pair, n: int) -> list[Pair]:
+    """An adaLN modulation's linear on ``sc`` = silu(c) [B, D], as n per-sample [B, 1, D]
+    pairs (SiT's ``.chunk(n, dim=1)`` and ``.unsqueeze(1)``, one unsqueeze for all n)."""
+    h = tuple(a.unsqueeze(1) for a in linear(m, sc))                    # [B, 1, n*D]
+    return list(zip(h[0].chunk(n, dim=-1), h[1].chunk(n, dim=-1)))
 
 
 def mlp(m: nn.Module, x: Pair) -> Pair:
@@ -259,8 +261,8 @@ def mlp(m: nn.Module, x: Pair) -> Pair:
 
 def sit_block(m: nn.Module, x: Pair, sc: Pair) -> Pair:
     """models.sit.SiTBlock; ``sc`` = silu(c), the input of its adaLN modulation's linear."""
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks(
-        linear(m.adaLN_modulation[1], sc), 6)                           # 6 x [B, D]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_chunks(
+        m.adaLN_modulation[1], sc, 6)                                   # 6 x [B, 1, D]
     x = gated_add(x, gate_msa,
                   attention(m.attn, modulate(layer_norm(m.norm1, x), shift_msa, scale_msa)))
     return gated_add(x, gate_mlp,
@@ -301,7 +303,7 @@ def sit_jvp(net: nn.Module, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     for block in net.blocks:
         x = sit_block(block, x, sc)                                     # [B, N(+N), D]
     fl = net.final_layer
-    shift, scale = chunks(linear(fl.adaLN_modulation[1], sc), 2)        # 2 x [B, D]
+    shift, scale = adaln_chunks(fl.adaLN_modulation[1], sc, 2)          # 2 x [B, 1, D]
     x = linear(fl.linear, modulate(layer_norm(fl.norm_final, tuple(a[:, :n] for a in x)),
                                    shift, scale))                       # [B, N, p*p*C]
     out = tuple(net.unpatchify(a) for a in x)                           # [B, C, H, W]
