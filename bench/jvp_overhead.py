@@ -64,6 +64,8 @@ MODELS = {
     "unet-afhq32": ("configs/afhq_unet.yaml", dict(base_channels=32), 4, 16),
     "unet-afhq": ("configs/afhq_unet.yaml", {}, 4, 16),
     "SiT-B/2": ("configs/afhq_sit_b2.yaml", {}, 4, 16),
+    # the AFHQ SiT (edge tokens) at the S/4 size: 64 latent + 64 edge tokens, seconds a step
+    "sit-s4": ("configs/afhq_sit_b2.yaml", dict(name="SiT-S/4"), 4, 8),
 }
 QUICK = "unet-demo,unet-afhq32"
 

@@ -5,7 +5,8 @@ Differences from DiT, all from MeanFlow or the edge task:
 * the output is the average velocity u, so there is no learned-sigma half (C_out = C_in);
 * an optional edge map is patchified onto the latent token grid by a zero-initialised
   projection and either added to the latent tokens ("add") or appended as tokens ("tokens");
-* attention switches to an explicit path under forward-mode AD (see models/layers.py).
+* attention switches to an explicit path under forward-mode AD (see models/layers.py), and
+  the no-grad MeanFlow JVP carries its tangent explicitly (models/tangent.py).
 
 Sizes follow DiT (depth / hidden / heads): S 12/384/6, B 12/768/12, L 24/1024/16,
 XL 28/1152/16, each with patch 2, 4 or 8: ``SiT_models["SiT-B/2"]``.
@@ -96,6 +97,8 @@ class SiT(nn.Module):
     null edge for every sample (likewise ``label=None`` the null class).
     """
 
+    explicit_jvp = True      # forward(..., jvp_tangent=v) -> (u, du/dt): meanflow's no-grad JVP
+
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, num_classes: int = 0, edge_channels: int = 0,
@@ -182,10 +185,16 @@ class SiT(nn.Module):
         return x.reshape(b, c, g * p, g * p)
 
     def forward(self, z: Tensor, r: Tensor, t: Tensor, edge: Optional[Tensor] = None,
-                label: Optional[Tensor] = None, keep: Optional[Tensor] = None) -> Tensor:
+                label: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+                jvp_tangent: Optional[Tensor] = None) -> Tensor:
+        """u [B, C, H, W]; with ``jvp_tangent=v`` (no-grad use), the pair (u, du/dt) along
+        (v, 0, 1) of (z, r, t) with the tangent carried explicitly (models/tangent.py)."""
         check_inputs(z, r, t, edge, label, keep, in_channels=self.in_channels,
                      input_size=self.input_size, edge_channels=self.edge_channels,
                      edge_size=self.edge_size, num_classes=self.num_classes)
+        if jvp_tangent is not None:
+            from .tangent import sit_jvp
+            return sit_jvp(self, z, r, t, jvp_tangent, edge, label, keep)
         x = self.x_embedder(z) + self.pos_embed.to(z.dtype)                 # [B, N, D]
         n = x.shape[1]
         c = self.cond(r, t, label, keep, edge is not None).to(x.dtype)      # [B, D]

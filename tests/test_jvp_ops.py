@@ -134,7 +134,7 @@ def test_a_meanflow_step_equals_pytorchs_own_forward_ad(kind, jvp_mode):
     for m in stock.modules():
         m.__class__ = back.get(type(m), type(m))
     assert not any(type(m) in back for m in stock.modules())
-    stock.explicit_jvp = False              # the U-Net's explicit pass off: forward-AD duals
+    stock.explicit_jvp = False              # the explicit pass (U-Net, SiT) off: forward-AD duals
     z, _, _, edge, label = inputs(fast)
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(z.shape, generator=g)
