@@ -3,8 +3,9 @@
 Same backbone, same batch, one forward + backward per step. Rows (``--modes``):
 
     fm            flow matching: ||u(z, t, t) - v||^2, the baseline of every ratio
-    mf split      this project's MeanFlowLoss: the no-grad forward-mode JVP (models/jvp_ops.py
-                  rules) on the r != t samples only, then the forward with a graph
+    mf split      this project's MeanFlowLoss: the no-grad JVP on the r != t samples only, the
+                  tangent passed explicitly (models/tangent.py, U-Net and SiT), then the
+                  forward with a graph
     mf fd         the same with meanflow.fd_delta: du/dt by a central finite difference, one
                   batched no-grad forward of the 2k samples at +-delta
     mf graphed    the same as mf split with train.cuda_graph_jvp (CUDA only)

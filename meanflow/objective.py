@@ -178,7 +178,7 @@ def _jvp(model: Model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: dict,
          explicit: Optional[bool] = None):
     """(u, du/dt) along the tangent (v, 0, 1) of (z, r, t) with forward-mode AD.
 
-    Without a graph, a backbone with ``explicit_jvp`` (the U-Net) computes the pair itself,
+    Without a graph, a backbone with ``explicit_jvp`` (U-Net, SiT) computes the pair itself,
     ``model(z, r, t, ..., jvp_tangent=v)``, with no forward-AD duals (models/tangent.py: the
     same rules, a fraction of the ops). ``explicit`` overrides the attribute (callers that
     pass a bound forward)."""
