@@ -11,7 +11,8 @@ from torch import Tensor
 
 from meanflow.metrics._common import (DEFAULT_BATCH, FEATURE_DIM, FID_LAYER, LOGITS_LAYER,
                                       ImageBatch)
-from meanflow.metrics.weights import _first_line, fid_weights_path, load_weights, weights_hash
+from meanflow.errors import first_line
+from meanflow.metrics.weights import fid_weights_path, load_weights, weights_hash
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def load_inception(weights: Optional[Union[str, Path]] = None, device=None,
                                               list(features), feature_extractor_weights_path=buf)
         except RuntimeError as e:     # load_state_dict: missing / unexpected keys or shapes
             raise ValueError(f"--fid-weights {str(path)!r}: not torch-fidelity InceptionV3 "
-                             f"weights ({_first_line(e)})") from None
+                             f"weights ({first_line(e, with_type=True)})") from None
         _fold_batch_norms(net)
         # channels_last: oneDNN's convolutions run this network 1.8-2x faster on a CPU
         # (0.15 -> 0.08 s per image on 2 cores; features equal to ~1e-6 relative).
