@@ -158,6 +158,24 @@ def test_fid_known_answers():
     assert metrics.fid_from_features(x1, x2) == pytest.approx(want, rel=1e-8)
 
 
+@pytest.mark.parametrize("n1,n2", [(6, 9), (40, 300), (400, 500)])
+def test_fid_agrees_with_torch_fidelity_at_any_rank(n1, n2):
+    """fid_from_statistics (a symmetric eigenproblem over S1's range) against torch-fidelity's
+    eigvals(S1 S2), the well-kept formula it replaces for speed: rank-deficient covariances
+    (fewer samples than dimensions), as every small evaluation has, and full-rank ones."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    rng = np.random.default_rng(n1)
+    d = 256
+    w = rng.standard_normal((d, d)) / np.sqrt(d)
+    f1 = rng.standard_normal((n1, d)) @ w + 0.3
+    f2 = rng.standard_normal((n2, d)) @ (w + 0.1 * rng.standard_normal((d, d)) / np.sqrt(d))
+    s1, s2 = (dict(mu=f.mean(0), sigma=np.cov(f, rowvar=False)) for f in (f1, f2))
+    want = fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]
+    assert metrics.fid_from_statistics(s1, s2) == pytest.approx(want, rel=1e-6)
+    assert metrics.fid_from_statistics(s2, s1) == pytest.approx(want, rel=1e-6)
+    assert abs(metrics.fid_from_statistics(s1, s1)) < 1e-8 * np.trace(s1["sigma"])
+
+
 def test_kid_known_answers():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 200, 64))
