@@ -15,6 +15,7 @@ takes the primal's dtype, as a dual tensor's does.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -134,7 +135,9 @@ def softmax_attention(q: Pair, k: Pair, v: Pair, scale: float) -> Pair:
         dO = dP V + P dV
     """
     dt = torch.promote_types(v[0].dtype, torch.float32)
-    with torch.autocast(v[0].device.type, enabled=False):
+    device_type = v[0].device.type            # autocast has no meta (or fake) device kind
+    with (torch.autocast(device_type, enabled=False)
+          if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext()):
         (qp, qt), (kp, kt), (vp, vt) = ((a.to(dt), ta.to(dt)) for a, ta in (q, k, v))
         qs, kT = qp * scale, kp.transpose(-2, -1)
         s = qs @ kT                                                   # [B, heads, N, N]
