@@ -61,7 +61,7 @@ def main(argv=None, hooks: Optional[FaultHooks] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_paths(load_config(args.config, args.overrides))
-        hooks = hooks or FaultHooks.from_env()
+        hooks = FaultHooks.from_env() if hooks is None else hooks
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -89,8 +89,9 @@ class Trainer:
     forward_model: Any              # what the loss's gradient pass calls (compiled or not)
     opt: Any
     ema: EMA
-    ema_net: Optional[torch.nn.Module]   # main process: THE network holding EMA 0 (grids,
-    loss_fn: MeanFlowLoss                # exports), refreshed by ``ema_network``
+    # main process: THE network holding EMA 0 for grids and exports (``ema_network``)
+    ema_net: Optional[torch.nn.Module]
+    loss_fn: MeanFlowLoss
     clock: Callable[[], float]      # train.budget_clock: time.time or time.process_time
     trained_s: float = 0.0          # training time of earlier sessions of this run
     t_start: float = 0.0            # this session's start on ``clock``

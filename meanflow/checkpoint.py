@@ -170,7 +170,7 @@ def checkpoint_weights(p: Path, weights: str) -> Path:
                               f"interrupted save): not loaded; use a complete checkpoint or "
                               f"the run's export")
     if weights == "raw":
-        return p / "model.safetensors"
+        return p / MODEL_FILE
     if (p / EMA_FILE).is_file():
         return p / EMA_FILE
     if (p / LEGACY_EMA_FILE).is_file():

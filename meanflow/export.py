@@ -25,13 +25,13 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_text_atomic
-from .config import DataConfig, MeanFlowConfig, ModelConfig, from_dict
 from .checkpoint import (CHECKPOINT_FILES, CKPT_DIR_RE, EMA_FILE, EXPORT_CONFIG,
-                         LEGACY_EMA_FILE, checkpoint_weights, shape_mismatch, strip_wrappers)
-from .config import Config, to_dict
+                         LEGACY_EMA_FILE, MODEL_FILE, checkpoint_weights, shape_mismatch,
+                         strip_wrappers)
+from .config import Config, DataConfig, MeanFlowConfig, ModelConfig, from_dict, to_dict
 
 EXPORT_DIR = "export"                     # RUN/export: the newest checkpoint's EMA 0
-WEIGHTS_FILE = "model.safetensors"        # an export's weights; a checkpoint's raw weights
+WEIGHTS_FILE = MODEL_FILE                 # an export's weights; a checkpoint's raw weights
 WEIGHTS = ("ema", "raw")                  # what a checkpoint can give as the model
 
 
@@ -236,24 +236,9 @@ def load_model(path: str | Path, device=None, weights: str = "ema") -> tuple[nn.
     ``ema.safetensors`` is refused, one line naming what is missing.
 
     The files are read and checked on the CPU; the network is then built on ``device`` itself
-    and the weights copied in (:func:`place_model`), so no process's weights pass through
+    and the weights copied in (:meth:`Export.place`), so no process's weights pass through
     cuda:0."""
     from .runtime import process_device
     dev = process_device(device)
     exp = Export.read(path, weights=weights)
     return exp.build(dev), exp.info
-
-
-def place_model(net: nn.Module, info: dict, device) -> nn.Module:
-    """A copy of the CPU network ``net`` built on ``device`` itself, its weights copied in
-    (building there, rather than moving, also works under a fake-tensor device)."""
-    out = Export.from_info(info).network(device)
-    out.load_state_dict(net.state_dict())
-    return out.eval()
-
-
-def load_export(path: str | Path, device="cpu", weights: str = "ema") -> tuple[nn.Module, dict]:
-    """Read an export, run folder or checkpoint (see :func:`load_model`, the entry for
-    inference) into a network built on the CPU, then moved to ``device``."""
-    exp = Export.read(path, weights=weights)
-    return exp.build("cpu").to(device).eval(), exp.info

@@ -37,8 +37,7 @@ from .edges import close_gaps, detector_from_meta, quantize
 from .images import center_crop_arr, open_image, prepare_image, to_rgb
 from .runtime import Stream, process_device, stream_seed
 from .sampling import sample, sample_noise
-from .export import Export
-from .export import EXPORT_DIR
+from .export import EXPORT_DIR, Export, write_export
 
 # Inputs larger than this are refused from their header, before any pixel is decoded: a
 # 20000 x 20000 PNG would need 1.2 GB as RGB. Far above any sketch or photo worth conditioning
@@ -322,7 +321,6 @@ class Pipeline:
         out = Path(out)
         info = neutral_paths(dict(self.info))
         info.setdefault("evaluation", find_results(self.source))
-        from .export import write_export           # the one export writer
         write_export(out, self.model.state_dict(), info, self.info.get("step"))
         (out / MODEL_CARD).write_text(model_card(info))
         return out

@@ -29,11 +29,6 @@ def canonical(name: str) -> str:
     return low
 
 
-def same(a: str, b: str) -> bool:
-    """Whether two precision names mean the same mode (``fp32`` and ``no`` do)."""
-    return canonical(a) == canonical(b)
-
-
 def autocast_dtype(name: str):
     """The autocast dtype of a precision name (None for no / fp32)."""
     dtype: Optional[str] = AUTOCAST[canonical(name)]

@@ -16,6 +16,7 @@ error can name it.
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import errno
 import fcntl
@@ -23,9 +24,11 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -34,8 +37,11 @@ from .checkpoint import (EMA_FILE, LEGACY_EMA_FILE, MODEL_FILE, CheckpointError,
                          list_checkpoints, load_ema, mark_complete, pick_checkpoint,
                          prune_checkpoints, save_ema, set_aside, strip_wrappers,
                          verify_checkpoint)
+from .config import load_config, save_config, to_dict
+from .distributed import all_ok
 from .errors import first_line
 from .export import EXPORT_CONFIG, EXPORT_DIR, export_config, export_model, write_export
+from .launch import SetupError, check_shared_run_dir
 
 LOCK_FILE = ".lock"
 
@@ -129,7 +135,6 @@ def sync_export(run_dir: Path, ckpt: Path) -> Optional[str]:
     if ema_file.is_file():
         ema0 = {k[2:]: v for k, v in load_file(str(ema_file)).items() if k.startswith("0.")}
     else:                                    # legacy pickle: plain tensors only
-        import torch
         legacy = torch.load(Path(ckpt) / LEGACY_EMA_FILE, map_location="cpu", weights_only=True)
         ema0 = {k[2:]: v for k, v in legacy.items() if k.startswith("0.")}
     missing = sorted(set(ema0) - set(state))
@@ -159,8 +164,6 @@ def write_run_config(run_dir: Path, cfg, note: Callable[[str], None]) -> None:
     differs from the run's previous one. A previous file that no longer parses (torn by a
     kill before it was written atomically, or edited by hand) is reported and replaced: it
     must not block the restart of a run whose checkpoints are fine."""
-    from .config import load_config, save_config, to_dict
-
     prev = Path(run_dir) / "config.yaml"
     if prev.exists():
         try:
@@ -238,11 +241,6 @@ class RunFolder:
     def claim(self, resume: str) -> None:
         """The folder for this trainer alone: shared by every node, locked, and never a
         finished run overwritten by ``--resume none``."""
-        import atexit
-        import sys
-
-        from .distributed import all_ok
-        from .launch import SetupError, check_shared_run_dir
         run_dir = self.path
         try:
             if run_dir.exists() and not run_dir.is_dir():
@@ -293,8 +291,6 @@ class RunFolder:
 
         Nothing of the folder changes before the checkpoint has loaded; then the resolved
         config is written to RUN/config.yaml and RUN/export is made the checkpoint's."""
-        from .launch import SetupError
-        from .config import to_dict
         acc, path, skipped = self.acc, None, []
         if how != "none":
             # every file is opened before anything is loaded: a truncated or refused file
@@ -340,9 +336,6 @@ class RunFolder:
         network) is refreshed before the rename. On a failure on any process (disk full,
         quota) every process exits with SAVE_FAILED, and the previous checkpoint is left as
         it was; ``before_error`` runs first on the main process (a progress bar to close)."""
-        import sys
-
-        from .distributed import all_ok
         acc = self.acc
         acc.wait_for_everyone()
         final = self.ckpt_dir / ckpt_name(step)

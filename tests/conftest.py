@@ -1,7 +1,10 @@
 """Test-wide settings: never touch the network, keep CPU runs small and deterministic."""
 import os
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -29,7 +32,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
     import torch
     if CUDA_TIER_DEVICE != "cuda" or torch.cuda.is_available():
         return
@@ -51,9 +53,6 @@ def pytest_terminal_summary(terminalreporter):
 # scope) and handed to each module as its own copy: a module may write next to it (FID
 # caches beside the dataset, evaluations inside a run) without another module seeing that.
 # --------------------------------------------------------------------------------------------
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 def _copy(src: Path, factory, name: str) -> Path:

@@ -271,7 +271,7 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
     from meanflow.export import Export
     from meanflow.evaluation import conditions, sample_batch, steps_grid
     from meanflow.runtime import process_device
-    from meanflow.export import load_model, place_model
+    from meanflow.export import load_model
     data = Path(json.loads((trained / "export" / "model_config.json").read_text())
                 ["data"]["path"]).parent
     # edges only: the U-Net checks label values, which a fake tensor does not have
@@ -290,14 +290,14 @@ def test_each_rank_loads_and_samples_on_its_own_gpu(trained, tmp_path, monkeypat
         device = process_device(None)                # what main() takes, before loading
     assert device == torch.device("cuda", 1)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = place_model(net, info, device)
+        model = exp.place(net, device)
         placed = {t.device for t in [*model.parameters(), *model.buffers()]}
         assert placed == {torch.device("cuda", 1)}
         for amp in (None, torch.bfloat16):
             x, edge = sample_batch(model, sel[:2], cond, shape, 0, device, times, 1.0, amp)
             assert x.device == edge.device == torch.device("cuda", 1)
             assert x.dtype == torch.float32               # bf16 network, fp32 update
-        old = place_model(net, info, torch.device("cuda"))   # the old default device
+        old = exp.place(net, torch.device("cuda"))   # the old default device
         assert {p.device for p in old.parameters()} == {torch.device("cuda", 0)}
         with pytest.raises(RuntimeError, match="same device"):
             sample_batch(old, sel[:2], cond, shape, 0, device, times, 1.0)

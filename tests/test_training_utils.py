@@ -210,6 +210,7 @@ def test_every_export_writer_is_the_one_writer_and_reads_back_through_export(tmp
     import meanflow
     import models
     from meanflow import export as export_mod
+    from meanflow import pipeline as pipeline_mod
     from meanflow import rundir as rundir_mod
     from meanflow.export import Export
     from meanflow.pipeline import neutral_paths
@@ -232,7 +233,7 @@ def test_every_export_writer_is_the_one_writer_and_reads_back_through_export(tmp
 
     calls = []
     real = export_mod.write_export
-    for module in (export_mod, rundir_mod):      # the writer, where each caller finds it
+    for module in (export_mod, rundir_mod, pipeline_mod):   # where each caller finds it
         monkeypatch.setattr(module, "write_export",
                             lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     run = tmp_path / "run"
